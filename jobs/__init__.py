@@ -1,0 +1,1 @@
+"""Thin, resumable submitit entry points (one module per pipeline step)."""

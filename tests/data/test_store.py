@@ -1,0 +1,114 @@
+"""The sharded HDF5 store: shard writing, manifest, reading, resume bookkeeping, verification."""
+
+import json
+
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+
+from toolkit.data.store import PROGRESS, Store, StoreError, StoreWriter, summary, verify
+
+
+def _rows(n, size=16, seed=0, image=True):
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 7, size=(n, size, size), dtype=np.uint8)
+    label[0] = 0  # one empty mask
+    rows = {"label": label, "subject": [f"s{i % 3}" for i in range(n)], "slice_index": np.arange(n)}
+    if image:
+        rows["image"] = rng.integers(0, 4000, size=(n, size, size), dtype=np.uint16)
+    return rows
+
+
+def _write_store(root, counts=None, image=True):
+    counts = counts or {"train": [10, 10, 5], "val": [4], "test": [4]}
+    writer = StoreWriter(root, classes=7)
+    written = {}
+    for split, sizes in counts.items():
+        for index, n in enumerate(sizes):
+            rows = _rows(n, seed=10 * index + len(split), image=image)
+            writer.write(split, index, **rows)
+            written[(split, index)] = rows
+    manifest = writer.finish(kind="real", image_size=16, has_image=image,
+                             shard_counts={k: len(v) for k, v in counts.items()}, modality="t1ce")
+    return manifest, written
+
+
+def test_round_trip_manifest_and_rows(tmp_path):
+    manifest, written = _write_store(tmp_path / "s")
+    store = Store(tmp_path / "s")
+    assert store.manifest.to_json() == manifest.to_json()
+    assert store.manifest.splits["train"].n == 25 and store.manifest.reduced == 5
+    got = store.read("train", 8, 22, fields=("label", "image", "slice"))
+    expected_label = np.concatenate([written[("train", i)]["label"] for i in range(3)])[8:22]
+    np.testing.assert_array_equal(got["label"], expected_label)
+    assert got["image"].dtype == np.uint16 and got["image"].shape == (14, 16, 16)
+    doc = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert doc["format"] == "tumorsynth-store/1" and doc["splits"]["val"]["n"] == 4
+    assert not (tmp_path / "s" / PROGRESS).exists()
+
+
+def test_shard_layout_chunks_and_per_row_statistics(tmp_path):
+    _write_store(tmp_path / "s")
+    with h5py.File(tmp_path / "s" / "train" / "shard-00000.h5", "r") as f:
+        assert f["image"].chunks == (1, 16, 16)
+        assert f["image"].id.get_create_plist().get_filter(0)[0] == hdf5plugin.BLOSC_ID
+        assert f["label"].dtype == np.uint8 and f["slice"].dtype == np.int16
+        label, counts = f["label"][:], f["class_pixels"][:]
+        assert f["empty"][:].tolist() == [bool((row == 0).all()) for row in label]
+        for row, count in zip(label, counts):
+            assert count.tolist() == np.bincount(row.ravel(), minlength=7).tolist()
+
+
+def test_summary_class_frequencies_match_labels(tmp_path):
+    _write_store(tmp_path / "s")
+    store = Store(tmp_path / "s")
+    info = summary(store)
+    labels = store.read("train")["label"]
+    freq = np.bincount(labels.ravel(), minlength=7) / labels.size
+    np.testing.assert_allclose(list(info["class_frequencies"]["train"].values()), freq)
+    assert info["splits"] == {"train": 25, "val": 4, "test": 4} and info["empty"]["train"] == 3
+
+
+def test_writer_resumes_verified_shards_and_redoes_corrupt_ones(tmp_path):
+    root = tmp_path / "s"
+    writer = StoreWriter(root, classes=7)
+    writer.write("train", 0, **_rows(5, seed=1))
+    writer.write("train", 1, **_rows(5, seed=2))
+    with open(root / PROGRESS, "a") as handle:
+        handle.write('{"split": "train", "ind')  # torn line, as a kill mid-append would leave
+    (root / "train" / "shard-00001.h5").write_bytes(b"garbage")
+    again = StoreWriter(root, classes=7)
+    assert again.done("train", 0) is not None
+    assert again.done("train", 1) is None
+    with pytest.raises(StoreError, match="lacks shards"):
+        again.finish(kind="real", image_size=16, has_image=True, shard_counts={"train": 2})
+
+
+def test_verify_names_a_corrupt_shard(tmp_path):
+    _write_store(tmp_path / "s")
+    store = Store(tmp_path / "s")
+    assert verify(store) == []
+    shard = tmp_path / "s" / "val" / "shard-00000.h5"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    problems = verify(store)
+    assert len(problems) == 1 and "val/shard-00000.h5" in problems[0] and "corrupt" in problems[0]
+
+
+def test_incomplete_and_malformed_stores_are_named(tmp_path):
+    (tmp_path / "s").mkdir()
+    with pytest.raises(StoreError, match="incomplete store"):
+        Store(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_text('{"format": "tumorsynth-store/1", "kind": "real"}')
+    with pytest.raises(StoreError, match=r"manifest\.json: missing field 'splits'"):
+        Store(tmp_path / "s")
+
+
+def test_mask_only_store_has_no_image(tmp_path):
+    manifest, _ = _write_store(tmp_path / "m", counts={"train": [6]}, image=False)
+    assert manifest.intensity_max is None and not manifest.has_image
+    with h5py.File(tmp_path / "m" / "train" / "shard-00000.h5", "r") as f:
+        assert "image" not in f
+    assert verify(Store(tmp_path / "m")) == []

@@ -1,0 +1,78 @@
+"""Atomic file writes: write to a temporary sibling, fsync, then rename over the final name.
+
+Every artefact the toolkit leaves behind (store shards, manifests, PNGs, checkpoints, pointers) goes through here, so a
+reader never sees a torn file: a path either does not exist or holds complete content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(root: Path) -> int:
+    """Delete temporary files that a killed writer left under ``root``; returns how many were removed.
+
+    Only names of the form ``.<final name>.<random>.tmp``, as :func:`atomic_path` makes them, are touched.
+    """
+    removed = 0
+    for path in Path(root).rglob(".*.tmp"):
+        if path.is_file():
+            path.unlink()
+            removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed to ``path``.
+
+    The caller writes the temporary file by any means (h5py, torch.save, …). On an exception the temporary file is
+    removed and ``path`` is untouched.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Open a binary file for writing that appears under ``path`` only once it is complete."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        yield handle
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically write ``data`` to ``path``."""
+    with atomic_open(path) as handle:
+        handle.write(data)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())

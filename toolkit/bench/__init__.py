@@ -1,0 +1,1 @@
+"""Benchmarks behind ``tumorsynth bench``: each returns the command's JSON object as a dict."""

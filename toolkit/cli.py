@@ -1,0 +1,195 @@
+"""The `tumorsynth` command: parses arguments, calls the library, prints results.
+
+Every subcommand is a small ``_cmd_*`` function over library calls. ``--json`` prints exactly one JSON object on stdout;
+logs and errors go to stderr, and any error exits non-zero with a message that names the file or option at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from toolkit import __version__
+
+log = logging.getLogger("tumorsynth")
+
+
+def _emit(args: argparse.Namespace, doc: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> None:
+    print(json.dumps(doc) if getattr(args, "json", False) else text(doc))
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from toolkit.data.phantom import write_cohort
+
+    folders = write_cohort(Path(args.out), args.subjects, seed=args.seed, workers=args.workers)
+    print(f"wrote {len(folders)} subjects to {args.out}")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from toolkit.data.prepare import PrepareConfig, prepare, result_json
+
+    config = PrepareConfig(
+        src=Path(args.src), out=Path(args.out), size=args.size, shard_size=args.shard_size, png=args.png,
+        split=args.split, seed=args.seed, modality=args.modality, tissue=args.tissue, workers=args.workers,
+        skip_bad=args.skip_bad,
+    )
+    result = prepare(config)
+
+    def text(doc: dict[str, Any]) -> str:
+        if doc["already_complete"]:
+            return f"{doc['store']}: store is already complete; nothing to do"
+        counts = ", ".join(f"{k} {v}" for k, v in doc["splits"].items())
+        skipped = f"; skipped {len(doc['skipped'])} bad subjects" if doc["skipped"] else ""
+        return f"{doc['store']}: {counts} slices in {doc['seconds']} s{' (resumed)' if doc['resumed'] else ''}{skipped}"
+
+    _emit(args, result_json(result), text)
+    return 0
+
+
+def _cmd_store(args: argparse.Namespace) -> int:
+    from toolkit.data.store import Store, summary, verify
+
+    store = Store(args.store)
+    if args.action == "verify":
+        problems = verify(store)
+        doc = {"store": str(store.root), "ok": not problems, "problems": problems}
+        _emit(args, doc, lambda d: "\n".join(d["problems"]) or f"{d['store']}: all shards verified")
+        return 1 if problems else 0
+    _emit(args, summary(store), _store_text)
+    return 0
+
+
+def _store_text(doc: dict[str, Any]) -> str:
+    lines = [f"{doc['kind']} store, {doc['format']}, {doc['image_size']}², {doc['classes']} classes, "
+             f"modality {doc['modality']}, intensity max {doc['intensity_max']}"]
+    for split, n in doc["splits"].items():
+        lines.append(f"  {split:5s} {n:7d} slices ({doc['empty'][split]} empty masks)")
+    lines.append(f"  reduced {doc['reduced']} (prefix of train)")
+    for split, freqs in doc["class_frequencies"].items():
+        lines.append(f"  {split:5s} classes: " + ", ".join(f"{k} {v:.4f}" for k, v in freqs.items()))
+    lines.extend(f"  skipped {s['subject']}: {s['error']}" for s in doc["skipped"])
+    return "\n".join(lines)
+
+
+def _cmd_dice(args: argparse.Namespace) -> int:
+    from toolkit.data.labelio import load_labels
+    from toolkit.metrics.dice import dice_report
+
+    report = dice_report(load_labels(Path(args.pred), split=args.split), load_labels(Path(args.gt), split=args.split),
+                         args.classes)
+    _emit(args, report, lambda d: "per-class Dice: " + ", ".join(f"{v:.4f}" for v in d["per_class"])
+          + f"\nweighted Dice: {d['weighted']:.4f}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.target == "ingest":
+        from toolkit.bench.ingest import bench_ingest
+
+        doc = bench_ingest(subjects=args.subjects, size=args.size, workers=args.workers or 1, tissue=args.tissue)
+    else:
+        from toolkit.bench.loader import bench_loader
+
+        doc = bench_loader(Path(args.store), seconds=args.seconds, batch=args.batch, workers=args.workers or 0)
+    _emit(args, doc, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from toolkit.demo import DemoConfig, run_demo
+
+    report = run_demo(DemoConfig(out=Path(args.out), subjects=args.subjects, workers=args.workers))
+    print(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used by the README's CLI reference)."""
+    parser = argparse.ArgumentParser(prog="tumorsynth", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tumorsynth {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write a BraTS-2018-layout demo cohort")
+    p.add_argument("out")
+    p.add_argument("--subjects", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(fn=_cmd_phantom)
+
+    p = sub.add_parser("prepare", help="ingest a BraTS cohort into a sharded HDF5 store with PNG export")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--size", type=int, default=256, help="slice side, a power of two (default 256)")
+    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--png", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--split", choices=("slice", "subject"), default="slice")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modality", choices=("t1", "t1ce", "t2", "flair"), default="t1ce")
+    p.add_argument("--tissue", choices=("auto", "fast", "hmrf", "none"), default="auto")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--skip-bad", action="store_true", help="skip invalid subjects (listed in the manifest)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_prepare)
+
+    p = sub.add_parser("store", help="summarise or verify a store")
+    p.add_argument("action", choices=("info", "verify"))
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_store)
+
+    p = sub.add_parser("dice", help="per-class and weighted Dice between two label arrays")
+    p.add_argument("pred")
+    p.add_argument("gt")
+    p.add_argument("--classes", type=int, required=True)
+    p.add_argument("--split", default="test", help="split to read when PRED/GT are stores")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_dice)
+
+    p = sub.add_parser("demo", help="run the pipeline on the demo cohort and write OUT/report.md")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--subjects", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("bench", help="throughput benchmarks")
+    p.add_argument("target", choices=("ingest", "loader"))
+    p.add_argument("--store", help="store to read (loader)")
+    p.add_argument("--subjects", type=int, default=4, help="phantom subjects to ingest (ingest)")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--tissue", choices=("hmrf", "none"), default="hmrf")
+    p.add_argument("--workers", type=int, help="ingest processes (default 1) or DataLoader workers (default 0)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tumorsynth` console script."""
+    from toolkit.data.labelio import LabelIOError
+    from toolkit.data.nifti import NiftiError
+    from toolkit.data.prepare import PrepareError
+    from toolkit.data.store import StoreError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "bench" and args.target == "loader" and not args.store:
+        build_parser().error("bench loader needs --store")
+    try:
+        return args.fn(args)
+    except (PrepareError, StoreError, NiftiError, LabelIOError, ValueError) as err:
+        print(f"tumorsynth: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Label schemes: the stored 7-class mask and the 4- and 2-class views derived from it on read.
+
+Stored classes (uint8): 0 BG, 1 NCR/NET, 2 ED, 3 ET (BraTS label 4), 4 WM, 5 GM, 6 CSF. Tumour labels override tissue.
+A store ingested with ``--tissue none`` holds the 4-class labels directly (classes = 4); its 2-class view derives the
+same way. Views are lookup tables, so converting a batch is one fancy-indexing pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CLASS_NAMES: dict[int, tuple[str, ...]] = {
+    7: ("BG", "NCR/NET", "ED", "ET", "WM", "GM", "CSF"),
+    4: ("BG", "NCR/NET", "ED", "ET"),
+    2: ("BG", "tumour"),
+}
+BRATS_LABELS = frozenset({0, 1, 2, 4})
+FAST_LABELS = frozenset({0, 1, 2, 3})  # FSL FAST: 0 outside, 1 CSF, 2 GM, 3 WM
+
+# BraTS seg label -> stored class (label 3 does not exist in BraTS 2018; validation rejects it before mapping).
+_BRATS_TO_CLASS = np.zeros(256, dtype=np.uint8)
+_BRATS_TO_CLASS[[1, 2, 4]] = [1, 2, 3]
+# FAST tissue label -> stored class.
+_FAST_TO_CLASS = np.zeros(256, dtype=np.uint8)
+_FAST_TO_CLASS[[1, 2, 3]] = [6, 5, 4]
+
+# View tables indexed by stored class; 255 marks a class the stored scheme cannot hold.
+_VIEWS: dict[tuple[int, int], np.ndarray] = {
+    (7, 7): np.arange(7, dtype=np.uint8),
+    (7, 4): np.array([0, 1, 2, 3, 0, 0, 0], dtype=np.uint8),
+    (7, 2): np.array([0, 1, 1, 1, 0, 0, 0], dtype=np.uint8),
+    (4, 4): np.arange(4, dtype=np.uint8),
+    (4, 2): np.array([0, 1, 1, 1], dtype=np.uint8),
+}
+
+
+def compose_mask(seg: np.ndarray, tissue: np.ndarray | None) -> np.ndarray:
+    """Combine a BraTS seg volume (labels 0,1,2,4) and a FAST-convention tissue map into stored classes.
+
+    With ``tissue=None`` the result is the 4-class scheme. Tumour voxels keep their tumour class whatever the tissue.
+    """
+    mask = _BRATS_TO_CLASS[seg.astype(np.uint8, copy=False)]
+    if tissue is not None:
+        tissue_class = _FAST_TO_CLASS[tissue.astype(np.uint8, copy=False)]
+        mask = np.where(mask > 0, mask, tissue_class)
+    return mask
+
+
+def view_table(stored_classes: int, classes: int) -> np.ndarray:
+    """Lookup table mapping stored class ids to the ``classes``-class view."""
+    try:
+        return _VIEWS[(stored_classes, classes)]
+    except KeyError:
+        raise ValueError(
+            f"a {stored_classes}-class store has no {classes}-class view (available: "
+            f"{sorted(c for s, c in _VIEWS if s == stored_classes)})"
+        ) from None
+
+
+def to_view(labels: np.ndarray, stored_classes: int, classes: int) -> np.ndarray:
+    """Map stored labels to the ``classes``-class view (7, 4 or 2)."""
+    return view_table(stored_classes, classes)[labels]

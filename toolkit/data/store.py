@@ -1,0 +1,372 @@
+"""The sharded HDF5 store (format ``tumorsynth-store/1``): manifest, shard writing, reading and verification.
+
+Layout (DESIGN §4)::
+
+    STORE/manifest.json            written last and atomically; a store without it is incomplete
+    STORE/<split>/shard-00000.h5   image uint16 [n,S,S] (absent in mask-only stores), label uint8 [n,S,S],
+                                   subject str [n], slice int16 [n], empty bool [n], class_pixels uint32 [n,K]
+    STORE/.progress.jsonl          while a store is being written: one line per finished shard (removed at the end)
+
+Shard datasets are compressed with Blosc (LZ4, byte shuffle) through ``hdf5plugin`` rather than DESIGN §4's lzf:
+measured on phantom slices at 256², it reads 5× faster (94 vs 501 µs per image+label row), writes 4× faster and is
+smaller (17.7 vs 21.9 KiB per row). Importing this module registers the filter; other HDF5 tools need
+``HDF5_PLUGIN_PATH=$(python -c 'import hdf5plugin; print(hdf5plugin.PLUGIN_PATH)')``.
+
+Two per-row datasets go beyond DESIGN §4: ``empty`` (the mask is all background, so consumers such as the PGAN can
+drop it without reading the label) and ``class_pixels`` (pixel count per class, so class frequencies and the U-Net's
+class weights over any subset, e.g. the reduced prefix, come without reading labels). Rows are in shuffled order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin
+import numpy as np
+
+from toolkit.atomic import atomic_path, write_json
+from toolkit.data.labels import CLASS_NAMES
+
+FORMAT = "tumorsynth-store/1"
+MANIFEST = "manifest.json"
+PROGRESS = ".progress.jsonl"
+SPLITS = ("train", "val", "test")
+COMPRESSION = "blosc-lz4-shuffle"
+_FILTER = hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
+KINDS = ("real", "synthetic")
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(Exception):
+    """A store is missing, incomplete or malformed; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard file: its path relative to the store, row count, checksum and per-shard statistics."""
+
+    file: str
+    n: int
+    sha256: str
+    class_pixels: tuple[int, ...]
+    empty: int
+    intensity_max: int | None
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> ShardInfo:
+        """Inverse of ``dataclasses.asdict``."""
+        return cls(**{**doc, "class_pixels": tuple(doc["class_pixels"])})
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """The shards of one split, in row order."""
+
+    n: int
+    shards: tuple[ShardInfo, ...]
+
+    @property
+    def class_pixels(self) -> tuple[int, ...]:
+        """Total pixels per class over the split."""
+        return tuple(int(v) for v in np.sum([s.class_pixels for s in self.shards], axis=0)) if self.shards else ()
+
+    @property
+    def empty(self) -> int:
+        """Number of rows whose mask is all background."""
+        return sum(s.empty for s in self.shards)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a reader needs to know about a store; serialised as ``manifest.json``."""
+
+    kind: str
+    image_size: int
+    classes: int
+    has_image: bool
+    splits: dict[str, SplitInfo]
+    reduced_fraction: float = 0.2
+    modality: str | None = None
+    intensity_max: int | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    skipped: tuple[dict[str, str], ...] = ()
+    created: str = ""
+    compression: str = COMPRESSION
+    format: str = FORMAT
+
+    @property
+    def reduced(self) -> int:
+        """Rows of the reduced training set: a prefix of the (shuffled) training split."""
+        train = self.splits.get("train")
+        return round(self.reduced_fraction * train.n) if train else 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document written to ``manifest.json``."""
+        return {
+            "format": self.format,
+            "kind": self.kind,
+            "image_size": self.image_size,
+            "classes": self.classes,
+            "has_image": self.has_image,
+            "compression": self.compression,
+            "modality": self.modality,
+            "intensity_max": self.intensity_max,
+            "splits": {
+                name: {"n": s.n, "empty": s.empty, "class_pixels": list(s.class_pixels),
+                       "shards": [dataclasses.asdict(sh) for sh in s.shards]}
+                for name, s in self.splits.items()
+            },
+            "reduced": {"fraction": self.reduced_fraction, "n": self.reduced},
+            "provenance": self.provenance,
+            "skipped": list(self.skipped),
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], source: Path) -> Manifest:
+        """Parse a manifest document; a missing or wrong field raises StoreError naming ``source`` and the field."""
+
+        def need(obj: dict[str, Any], key: str, where: str) -> Any:
+            if key not in obj:
+                raise StoreError(f"{source}: missing field '{where}{key}'")
+            return obj[key]
+
+        if need(doc, "format", "") != FORMAT:
+            raise StoreError(f"{source}: field 'format' is {doc['format']!r}, expected {FORMAT!r}")
+        if need(doc, "kind", "") not in KINDS:
+            raise StoreError(f"{source}: field 'kind' is {doc['kind']!r}, expected one of {KINDS}")
+        splits = {}
+        for name, s in need(doc, "splits", "").items():
+            shards = tuple(ShardInfo.from_dict(sh) for sh in need(s, "shards", f"splits.{name}."))
+            n = need(s, "n", f"splits.{name}.")
+            if n != sum(sh.n for sh in shards):
+                raise StoreError(f"{source}: field 'splits.{name}.n' = {n} disagrees with its shards")
+            splits[name] = SplitInfo(n=n, shards=shards)
+        reduced = need(doc, "reduced", "")
+        return cls(
+            kind=doc["kind"], image_size=need(doc, "image_size", ""), classes=need(doc, "classes", ""),
+            has_image=need(doc, "has_image", ""), splits=splits, reduced_fraction=need(reduced, "fraction", "reduced."),
+            compression=need(doc, "compression", ""), modality=doc.get("modality"),
+            intensity_max=doc.get("intensity_max"),
+            provenance=doc.get("provenance", {}), skipped=tuple(doc.get("skipped", ())), created=doc.get("created", ""),
+        )
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_name(split: str, index: int) -> str:
+    """Relative path of shard ``index`` of ``split``."""
+    return f"{split}/shard-{index:05d}.h5"
+
+
+def write_shard(path: Path, *, label: np.ndarray, subject: Sequence[str], slice_index: np.ndarray,
+                classes: int, image: np.ndarray | None = None) -> ShardInfo:
+    """Atomically write one shard file and return its info (``file`` relative to the split's parent folder)."""
+    n, size = label.shape[0], label.shape[-1]
+    if label.dtype != np.uint8 or label.shape != (n, size, size):
+        raise ValueError(f"label must be uint8 [n,S,S], got {label.dtype} {label.shape}")
+    if image is not None and (image.dtype != np.uint16 or image.shape != label.shape):
+        raise ValueError(f"image must be uint16 {label.shape}, got {image.dtype} {image.shape}")
+    if len(subject) != n or len(slice_index) != n:
+        raise ValueError("subject and slice must have one entry per row")
+    flat = label.reshape(n, -1)
+    # Per-row class histogram in one pass: offset each row's labels into its own block of `classes` bins.
+    class_pixels = np.bincount((flat + np.arange(n, dtype=np.int64)[:, None] * classes).ravel(),
+                               minlength=n * classes).reshape(n, classes).astype(np.uint32)
+    empty = class_pixels[:, 0] == size * size
+    chunks = (1, size, size)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        if image is not None:
+            f.create_dataset("image", data=image, chunks=chunks, **_FILTER)
+        f.create_dataset("label", data=label, chunks=chunks, **_FILTER)
+        f.create_dataset("subject", data=np.asarray(subject, dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("slice", data=np.asarray(slice_index, dtype=np.int16))
+        f.create_dataset("empty", data=empty)
+        f.create_dataset("class_pixels", data=class_pixels)
+    return ShardInfo(
+        file=f"{path.parent.name}/{path.name}", n=n, sha256=sha256_file(path),
+        class_pixels=tuple(int(v) for v in class_pixels.sum(0)), empty=int(empty.sum()),
+        intensity_max=int(image.max()) if image is not None and n else None,
+    )
+
+
+class StoreWriter:
+    """Writes a store shard by shard; resumable: finished shards are logged and skipped when their checksum holds.
+
+    Callers decide shard boundaries deterministically, ask :meth:`done` before computing a shard, write it with
+    :meth:`write`, and call :meth:`finish` last, which writes the manifest and removes the progress log.
+    """
+
+    def __init__(self, root: Path, *, classes: int) -> None:
+        self.root = Path(root)
+        self.classes = classes
+        if (self.root / MANIFEST).exists():
+            raise StoreError(f"{self.root}: store is already complete (manifest.json exists)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._done: dict[tuple[str, int], ShardInfo] = {}
+        progress = self.root / PROGRESS
+        if progress.exists():
+            for line in progress.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill mid-append: its shard is simply redone
+                info = ShardInfo.from_dict(entry["info"])
+                path = self.root / info.file
+                if path.exists() and sha256_file(path) == info.sha256:
+                    self._done[(entry["split"], entry["index"])] = info
+                else:
+                    log.warning("%s: shard %s failed its checksum; it will be rewritten", self.root, info.file)
+
+    def done(self, split: str, index: int) -> ShardInfo | None:
+        """The info of a shard finished earlier (checksum verified), else None."""
+        return self._done.get((split, index))
+
+    def write(self, split: str, index: int, **rows: Any) -> ShardInfo:
+        """Write shard ``index`` of ``split`` (keyword arguments as :func:`write_shard`) and log it."""
+        info = write_shard(self.root / shard_name(split, index), classes=self.classes, **rows)
+        line = json.dumps({"split": split, "index": index, "info": dataclasses.asdict(info)}) + "\n"
+        with open(self.root / PROGRESS, "a") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._done[(split, index)] = info
+        return info
+
+    def finish(self, *, kind: str, image_size: int, has_image: bool, shard_counts: dict[str, int],
+               **fields: Any) -> Manifest:
+        """Write the manifest (last, atomically) from the logged shards; every shard must be done."""
+        splits = {}
+        for split, count in shard_counts.items():
+            missing = [i for i in range(count) if (split, i) not in self._done]
+            if missing:
+                raise StoreError(f"{self.root}: split '{split}' lacks shards {missing}")
+            shards = tuple(self._done[(split, i)] for i in range(count))
+            splits[split] = SplitInfo(n=sum(s.n for s in shards), shards=shards)
+        maxima = [s.intensity_max for sp in splits.values() for s in sp.shards if s.intensity_max is not None]
+        manifest = Manifest(
+            kind=kind, image_size=image_size, classes=self.classes, has_image=has_image, splits=splits,
+            intensity_max=max(maxima) if maxima else None,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields,
+        )
+        write_json(self.root / MANIFEST, manifest.to_json())
+        (self.root / PROGRESS).unlink(missing_ok=True)
+        return manifest
+
+
+class Store:
+    """Read access to a complete store: manifest, shard paths and row ranges."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        if not self.root.is_dir():
+            raise StoreError(f"{self.root}: no such store directory")
+        if not path.exists():
+            raise StoreError(f"{self.root}: incomplete store (no manifest.json); re-run the command that writes it")
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise StoreError(f"{path}: not valid JSON ({err})") from None
+        self.manifest = Manifest.from_json(doc, path)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{k} {v.n}" for k, v in self.manifest.splits.items())
+        return f"Store({str(self.root)!r}, {self.manifest.kind}, {self.manifest.classes} classes, {counts})"
+
+    def split(self, name: str) -> SplitInfo:
+        """The split ``name``; StoreError if the store has none."""
+        try:
+            return self.manifest.splits[name]
+        except KeyError:
+            raise StoreError(f"{self.root}: no split '{name}' (has {sorted(self.manifest.splits)})") from None
+
+    def shards(self, split: str) -> Iterator[tuple[ShardInfo, Path]]:
+        """Shard infos and absolute paths of ``split`` in row order."""
+        for info in self.split(split).shards:
+            yield info, self.root / info.file
+
+    def read(self, split: str, start: int = 0, stop: int | None = None,
+             fields: Sequence[str] = ("label",)) -> dict[str, np.ndarray]:
+        """Rows ``[start, stop)`` of ``split`` as arrays, reading only the shards that overlap the range."""
+        info = self.split(split)
+        stop = info.n if stop is None else min(stop, info.n)
+        parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
+        offset = 0
+        for shard, path in self.shards(split):
+            lo, hi = max(start - offset, 0), min(stop - offset, shard.n)
+            if lo < hi:
+                with h5py.File(path, "r") as f:
+                    for name in fields:
+                        parts[name].append(f[name][lo:hi])
+            offset += shard.n
+        return {name: (np.concatenate(p) if p else np.empty((0,))) for name, p in parts.items()}
+
+
+def verify(store: Store) -> list[str]:
+    """Recompute every shard's checksum and check its datasets; returns one message per problem (empty if sound)."""
+    problems = []
+    m = store.manifest
+    for split in m.splits:
+        for info, path in store.shards(split):
+            if not path.exists():
+                problems.append(f"{path}: missing shard")
+                continue
+            if sha256_file(path) != info.sha256:
+                problems.append(f"{path}: checksum mismatch (corrupt shard)")
+                continue
+            try:
+                with h5py.File(path, "r") as f:
+                    expected = {"label": (np.uint8, (info.n, m.image_size, m.image_size))}
+                    if m.has_image:
+                        expected["image"] = (np.uint16, (info.n, m.image_size, m.image_size))
+                    for name, (dtype, shape) in expected.items():
+                        if name not in f or f[name].dtype != dtype or f[name].shape != shape:
+                            problems.append(f"{path}: dataset '{name}' is not {np.dtype(dtype)} {shape}")
+            except OSError as err:
+                problems.append(f"{path}: unreadable ({err})")
+    return problems
+
+
+def summary(store: Store) -> dict[str, Any]:
+    """The ``store info`` JSON object (DESIGN §3 keys plus class frequencies and empty counts)."""
+    m = store.manifest
+    names = CLASS_NAMES.get(m.classes)
+    freqs = {}
+    for split, info in m.splits.items():
+        pixels = np.asarray(info.class_pixels, dtype=np.float64)
+        total = pixels.sum()
+        share = pixels / total if total else pixels
+        freqs[split] = {(names[i] if names else str(i)): float(v) for i, v in enumerate(share)}
+    return {
+        "format": m.format,
+        "kind": m.kind,
+        "image_size": m.image_size,
+        "classes": m.classes,
+        "modality": m.modality,
+        "intensity_max": m.intensity_max,
+        "splits": {k: v.n for k, v in m.splits.items()},
+        "reduced": m.reduced,
+        "empty": {k: v.empty for k, v in m.splits.items()},
+        "class_frequencies": freqs,
+        "skipped": list(m.skipped),
+        "provenance": m.provenance,
+    }
