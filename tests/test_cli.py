@@ -4,6 +4,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "toolkit.cli", *map(str, args)], capture_output=True, text=True,
@@ -34,3 +37,20 @@ def test_store_verify_names_a_corrupt_shard_and_exits_non_zero(store_64, tmp_pat
 def test_prepare_error_names_the_file_and_exits_non_zero(tmp_path):
     result = run("prepare", tmp_path / "nowhere", tmp_path / "out")
     assert result.returncode != 0 and "nowhere" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_dice_command_on_a_store_and_label_files(store_64, tmp_path):
+    result = run("dice", store_64, store_64, "--classes", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["per_class"] == [1.0] * 4 and doc["weighted"] == 1.0
+    gt = np.zeros((2, 4, 4), np.uint8)
+    gt[:, :2] = 1
+    pred = gt.copy()
+    pred[0] = 0  # half of the foreground lost: Dice(1) = 2·16 / (16 + 32) = 2/3
+    np.save(tmp_path / "gt.npy", gt)
+    np.save(tmp_path / "pred.npy", pred)
+    doc = json.loads(run("dice", tmp_path / "pred.npy", tmp_path / "gt.npy", "--classes", "2", "--json").stdout)
+    assert doc["per_class"][1] == pytest.approx(2 / 3)
+    bad = run("dice", tmp_path / "pred.npy", tmp_path / "missing.npy", "--classes", "2")
+    assert bad.returncode != 0 and "missing.npy" in bad.stderr

@@ -81,8 +81,8 @@ def _cmd_dice(args: argparse.Namespace) -> int:
     from toolkit.data.labelio import load_labels
     from toolkit.metrics.dice import dice_report
 
-    report = dice_report(load_labels(Path(args.pred), split=args.split), load_labels(Path(args.gt), split=args.split),
-                         args.classes)
+    pred, gt = (load_labels(Path(p), split=args.split, classes=args.classes) for p in (args.pred, args.gt))
+    report = dice_report(pred, gt, args.classes)
     _emit(args, report, lambda d: "per-class Dice: " + ", ".join(f"{v:.4f}" for v in d["per_class"])
           + f"\nweighted Dice: {d['weighted']:.4f}")
     return 0

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import png
 
 from toolkit.data.labels import to_view
+from toolkit.data.png import read_png
 from toolkit.data.store import Store, StoreError
 
 
@@ -26,21 +26,13 @@ def _load_npy(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def _load_png(path: Path) -> np.ndarray:
-    width, height, rows, info = png.Reader(filename=str(path)).read()
-    if info["planes"] != 1:
-        raise LabelIOError(f"{path}: label PNGs must be greyscale without alpha, got {info['planes']} planes")
-    dtype = np.uint16 if info["bitdepth"] > 8 else np.uint8
-    return np.vstack([np.asarray(row, dtype=dtype) for row in rows]).reshape(height, width)
-
-
 def _load_nifti(path: Path) -> np.ndarray:
     return np.asanyarray(nib.load(path).dataobj)
 
 
 _LOADERS: dict[str, Callable[[Path], np.ndarray]] = {
     ".npy": _load_npy,
-    ".png": _load_png,
+    ".png": read_png,
     ".nii": _load_nifti,
     ".nii.gz": _load_nifti,
 }
