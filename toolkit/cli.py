@@ -101,6 +101,35 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the run checkpointed on a signal; run the same command again to continue
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from toolkit.train.run import train
+
+    result = train(args.model, Path(args.config), tuple(args.set), Path(args.run_dir) if args.run_dir else None,
+                   args.dist)
+    print(json.dumps({"status": result.status, **result.metrics}))
+    return 0 if result.status == "done" else PREEMPTED_EXIT
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from toolkit.train.unet_eval import evaluate_run
+
+    doc = evaluate_run(Path(args.run), store=Path(args.store) if args.store else None, split=args.split,
+                       device=args.device)
+
+    def text(d: dict[str, Any]) -> str:
+        lines = [f"{d['split']} ({d['slices']} slices): Dice error {d['dice_error_percent']:.2f} %",
+                 "per-class Dice: " + ", ".join(f"{v:.4f}" for v in d["per_class_dice"])]
+        if "regions" in d:
+            lines.append("regions: " + ", ".join(f"{k} {v:.4f}" for k, v in d["regions"].items()))
+        return "\n".join(lines)
+
+    _emit(args, doc, text)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from toolkit.demo import DemoConfig, run_demo
 
@@ -152,6 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_dice)
 
+    p = sub.add_parser("train", help="train a model from a YAML config (resumes an existing run directory)")
+    p.add_argument("model", choices=("unet",))
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--run-dir")
+    p.add_argument("--dist", choices=("none", "ddp"), default="none")
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a run's best checkpoint on a store split")
+    p.add_argument("model", choices=("unet",))
+    p.add_argument("run")
+    p.add_argument("--store", help="store to evaluate on (default: the run's real store)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_evaluate)
+
     p = sub.add_parser("demo", help="run the pipeline on the demo cohort and write OUT/report.md")
     p.add_argument("--out", default="demo-out")
     p.add_argument("--subjects", type=int, default=8)
@@ -186,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("bench loader needs --store")
     try:
         return args.fn(args)
-    except (PrepareError, StoreError, NiftiError, LabelIOError, ValueError) as err:
+    except (PrepareError, StoreError, NiftiError, LabelIOError, ValueError, FileNotFoundError) as err:
         print(f"tumorsynth: error: {err}", file=sys.stderr)
         return 2
 

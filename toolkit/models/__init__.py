@@ -1,0 +1,1 @@
+"""Network architectures only (no data or training imports): the paper's U-Net, PGAN and SPADE."""

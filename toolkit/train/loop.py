@@ -1,0 +1,216 @@
+"""The one training-loop shape: resume → epochs of steps with periodic checkpoints → validation → DONE.
+
+Trainers (U-Net, PGAN, SPADE) implement :class:`Task`; the loop owns everything else: resuming from the newest
+complete checkpoint, deterministic positioning inside an epoch, periodic (steps or minutes) and end-of-epoch
+checkpoints, ``best.pt`` whenever validation improves, metrics.jsonl / TensorBoard / tqdm, and stopping on SIGUSR2 or
+SIGTERM (save now, report "preempted") for the job layer to requeue. An "epoch" is the task's outer unit: a pass over
+the data for the U-Net and SPADE, a tick for the PGAN.
+
+Resume is bit-identical on CPU because the task's batch order is a pure function of (seed, epoch) and the checkpoint
+holds the task state, the position (epoch, batch, step), the best value so far and every RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from toolkit.atomic import write_bytes, write_json
+from toolkit.train.checkpoint import Checkpoints, rng_state, set_rng_state
+from toolkit.train.distributed import Dist
+
+log = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    """What a trainer provides; the loop calls nothing else."""
+
+    def batches_per_epoch(self) -> int: ...
+
+    def batches(self, epoch: int, start: int) -> Iterator[Any]:
+        """The batches of ``epoch`` from index ``start`` on; the same sequence every time it is asked for."""
+        ...
+
+    def train_step(self, batch: Any) -> dict[str, float]: ...
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Validation metrics after ``epoch``; must include ``val_loss`` (lower is better)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def save_best(self, path: Path) -> None:
+        """Write what evaluation and inference need (weights, normalisation, config) to ``path``, atomically."""
+        ...
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Length of the run and when to checkpoint and log."""
+
+    epochs: int = 150
+    checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 30.0
+    keep_checkpoints: int = 3
+    log_every_steps: int = 10
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    best: float = math.inf
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    """How :func:`run` ended: ``done`` (DONE written) or ``preempted`` (checkpoint saved, run again to continue)."""
+
+    status: str
+    metrics: dict[str, Any]
+    resumed_from_step: int | None
+
+
+class StopRequest:
+    """Turns SIGUSR2/SIGTERM into a flag the loop checks after every step (install from the main thread)."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> None:
+        self.requested = False
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        log.warning("signal %d: checkpointing at the end of this step", signum)
+        self.requested = True
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) and TensorBoard scalars, written by the main rank only.
+
+    On resume, lines beyond the checkpoint's step are dropped: those steps are about to be recomputed.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, resumed_step: int) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and _step_of(line) is not None and _step_of(line) <= resumed_step]
+            write_json_lines(self.path, kept)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_step + 1)
+
+    def write(self, step: int, epoch: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": step, "epoch": epoch, **values}) + "\n")
+        for key, value in values.items():
+            self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line torn by a kill
+
+
+def write_json_lines(path: Path, lines: list[str]) -> None:
+    """Atomically replace ``path`` with ``lines``."""
+    write_bytes(path, "".join(line + "\n" for line in lines).encode())
+
+
+def _agree(dist: Dist, *flags: bool) -> list[bool]:
+    """Each flag true on any rank becomes true on all ranks, so that every rank saves or stops at the same step."""
+    if not dist.active:
+        return list(flags)
+    votes = dist.all_reduce_sum(torch.tensor([float(f) for f in flags]))
+    return [bool(v > 0) for v in votes.tolist()]
+
+
+def run(task: Task, cfg: LoopConfig, run_dir: Path, dist: Dist, *, config: dict[str, Any],
+        stop: StopRequest | None = None) -> LoopResult:
+    """Train ``task`` to ``cfg.epochs`` from wherever its run directory left off."""
+    run_dir = Path(run_dir)
+    if (run_dir / "DONE").exists():
+        log.info("%s: run already finished", run_dir)
+        return LoopResult("done", json.loads((run_dir / "DONE").read_text()), None)
+    checkpoints = Checkpoints(run_dir, cfg.keep_checkpoints)
+    progress, resumed = Progress(), None
+    latest = checkpoints.latest()
+    if latest is not None:
+        state = checkpoints.load(latest)
+        task.load_state_dict(state["task"])
+        progress = Progress(**state["progress"])
+        set_rng_state(state["rng"])
+        resumed = progress.step
+        log.info("%s: resumed from %s (epoch %d, batch %d)", run_dir, latest.name, progress.epoch, progress.batch)
+    metrics = MetricsLog(run_dir, dist.is_main, progress.step)
+
+    def save() -> None:
+        if dist.is_main:
+            checkpoints.save({"task": task.state_dict(), "progress": asdict(progress), "rng": rng_state(),
+                              "config": config}, progress.step)
+
+    last_save = time.monotonic()
+    try:
+        while progress.epoch < cfg.epochs:
+            bar = tqdm(task.batches(progress.epoch, progress.batch), total=task.batches_per_epoch(),
+                       initial=progress.batch, desc=f"epoch {progress.epoch}", disable=None if dist.is_main else True)
+            for batch in bar:
+                values = task.train_step(batch)
+                progress.step += 1
+                progress.batch += 1
+                if progress.step % cfg.log_every_steps == 0:
+                    metrics.write(progress.step, progress.epoch, values)
+                every, minutes = cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes
+                due = (every > 0 and progress.step % every == 0) or (
+                    minutes > 0 and time.monotonic() - last_save > 60 * minutes)
+                stop_now, due = _agree(dist, stop is not None and stop.requested, due)
+                if due or stop_now:
+                    save()
+                    last_save = time.monotonic()
+                if stop_now:
+                    return LoopResult("preempted", {"step": progress.step, "epoch": progress.epoch}, resumed)
+            values = task.evaluate(progress.epoch)
+            if values["val_loss"] < progress.best:
+                progress.best = values["val_loss"]
+                if dist.is_main:
+                    task.save_best(run_dir / "best.pt")
+            metrics.write(progress.step, progress.epoch, values)
+            progress.epoch += 1
+            progress.batch = 0
+            save()
+            last_save = time.monotonic()
+    finally:
+        metrics.close()
+    final = {"step": progress.step, "epochs": progress.epoch, "best_val": progress.best}
+    if dist.is_main:
+        write_json(run_dir / "DONE", final)
+    dist.barrier()
+    return LoopResult("done", final, resumed)

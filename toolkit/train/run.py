@@ -1,0 +1,66 @@
+"""Starting a training run: config → run directory → distributed set-up → the shared loop. Used by the CLI and jobs.
+
+A run directory holds the resolved ``config.yaml``; starting a run again with the same config resumes it from its
+newest complete checkpoint, and with a different config is refused (naming the keys that differ).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from toolkit import config as configs
+from toolkit.train import distributed
+from toolkit.train.loop import LoopResult, StopRequest, run
+
+log = logging.getLogger(__name__)
+
+# model name -> (module, run-config class, task class); the module is imported only when that model is trained
+TRAINERS = {"unet": ("toolkit.train.unet", "UNetRunConfig", "UNetTask")}
+
+
+def trainer(model: str) -> tuple[type, type]:
+    """The (run config class, task class) of ``model``."""
+    if model not in TRAINERS:
+        raise ValueError(f"unknown model {model!r} (known: {sorted(TRAINERS)})")
+    module_name, config_name, task_name = TRAINERS[model]
+    module = importlib.import_module(module_name)
+    return getattr(module, config_name), getattr(module, task_name)
+
+
+def _claim_run_dir(run_dir: Path, cfg: Any) -> None:
+    saved = run_dir / "config.yaml"
+    resolved = configs.to_dict(cfg)
+    if saved.exists():
+        previous = yaml.safe_load(saved.read_text())
+        if previous != resolved:
+            keys = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
+            raise configs.ConfigError(f"{saved}: the run was started with a different config (sections {keys}); "
+                                      "use a new --run-dir or the same config to resume")
+        return
+    configs.dump(cfg, saved)
+
+
+def train(model: str, config_path: Path, overrides: tuple[str, ...] = (), run_dir: Path | None = None,
+          backend: str = "none") -> LoopResult:
+    """Train ``model`` as configured; resumes when ``run_dir`` already holds a run of the same config."""
+    config_cls, task_cls = trainer(model)
+    cfg = configs.load(config_cls, config_path, overrides)
+    run_dir = Path(run_dir or Path("runs") / f"{model}-{Path(config_path).stem}")
+    dist = distributed.init(backend, cfg.runtime.device)
+    try:
+        if cfg.runtime.threads:
+            torch.set_num_threads(cfg.runtime.threads)
+        if dist.is_main:
+            _claim_run_dir(run_dir, cfg)
+        dist.barrier()
+        stop = StopRequest()
+        task = task_cls(cfg, dist)
+        return run(task, cfg.loop, run_dir, dist, config=configs.to_dict(cfg), stop=stop)
+    finally:
+        dist.close()

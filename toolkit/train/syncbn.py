@@ -1,0 +1,47 @@
+"""Synchronised BatchNorm that also runs on CPU (gloo), where ``torch.nn.SyncBatchNorm`` refuses to.
+
+Batch statistics are computed over the global batch: each rank's per-channel sum, sum of squares and count are summed
+with a differentiable all-reduce, so gradients flow through the global mean and variance exactly as a single process
+with the whole batch would compute them. Statistics are accumulated in float64 to keep them as close as possible to
+single-process BatchNorm. Parameter and buffer names match ``nn.BatchNorm2d``, so checkpoints are interchangeable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.nn.functional import all_reduce
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose training-mode statistics span every rank of the default process group."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        channels = x.shape[1]
+        x64 = x.double()
+        count = torch.tensor([x.numel() / channels], dtype=torch.float64, device=x.device)
+        stats = all_reduce(torch.cat([x64.sum((0, 2, 3)), (x64 * x64).sum((0, 2, 3)), count]))
+        total, squares, n = stats[:channels], stats[channels:2 * channels], stats[-1]
+        mean = total / n
+        var = squares / n - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.to(x.dtype))
+            self.running_var.mul_(1 - self.momentum).add_(self.momentum * (var * n / (n - 1)).to(x.dtype))
+        shape = (1, channels, 1, 1)
+        scale = (self.weight.double() / torch.sqrt(var + self.eps)).view(shape)
+        return ((x64 - mean.view(shape)) * scale + self.bias.double().view(shape)).to(x.dtype)
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` in ``module`` by :class:`GlobalBatchNorm2d`, keeping parameters and buffers."""
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
+        synced = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats)
+        synced.load_state_dict(module.state_dict())
+        return synced
+    for name, child in module.named_children():
+        module.add_module(name, convert(child))
+    return module
