@@ -89,7 +89,20 @@ def _cmd_dice(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.target == "ingest":
+    if args.target == "unet":
+        from toolkit.bench.unet import bench_unet
+        from toolkit.config import load
+        from toolkit.models.unet import UNetConfig
+        from toolkit.train.unet import UNetRunConfig
+
+        # without -c: the paper's network (the defaults of UNetConfig), 7 classes
+        model = UNetConfig()
+        if args.config:
+            run = load(UNetRunConfig, args.config)
+            model = UNetConfig(classes=run.data.classes, widths=run.model.widths, bridge=run.model.bridge)
+        doc = bench_unet(model, device=args.device, batch=args.batch, size=args.size, steps=args.steps,
+                         compile=args.compile)
+    elif args.target == "ingest":
         from toolkit.bench.ingest import bench_ingest
 
         doc = bench_ingest(subjects=args.subjects, size=args.size, workers=args.workers or 1, tissue=args.tissue)
@@ -205,7 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_demo)
 
     p = sub.add_parser("bench", help="throughput benchmarks")
-    p.add_argument("target", choices=("ingest", "loader"))
+    p.add_argument("target", choices=("unet", "ingest", "loader"))
+    p.add_argument("-c", "--config", help="run config whose model to benchmark (unet; default: the paper's)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--steps", type=int, default=5, help="timed training steps (unet)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (unet)")
     p.add_argument("--store", help="store to read (loader)")
     p.add_argument("--subjects", type=int, default=4, help="phantom subjects to ingest (ingest)")
     p.add_argument("--size", type=int, default=256)
