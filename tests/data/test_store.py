@@ -112,3 +112,13 @@ def test_mask_only_store_has_no_image(tmp_path):
     with h5py.File(tmp_path / "m" / "train" / "shard-00000.h5", "r") as f:
         assert "image" not in f
     assert verify(Store(tmp_path / "m")) == []
+
+
+def test_subject_names_are_fixed_length_utf8_and_round_trip(tmp_path):
+    rows = _rows(3)
+    rows["subject"] = ["Brats18_2013_1_1", "BraTS-GLI-ü", "x"]
+    writer = StoreWriter(tmp_path / "s", classes=7)
+    writer.write("train", 0, **rows)
+    with h5py.File(tmp_path / "s" / "train" / "shard-00000.h5", "r") as f:
+        assert f["subject"].dtype.kind == "S"  # inline, not in HDF5's variable-length global heap
+        assert f["subject"].asstr()[:].tolist() == rows["subject"]

@@ -149,7 +149,7 @@ def _bias_before_batchnorm(key, state):
 
 def test_ddp_two_ranks_of_four_equal_one_process_of_eight(store_64, tmp_path):
     """Two optimiser steps: Adam's first updates are nearly lr·sign(g), so float rounding differences between any two
-    summation orders grow chaotically over many steps (measured: 3e-4 relative after 2 steps, 0.18 after 60); two steps
+    summation orders grow chaotically over many steps (measured: 3e-4 relative after 2 steps, 0.18 after 20); two steps
     keep the comparison well-conditioned while per-rank BatchNorm still changes the update almost entirely (0.89)."""
     config = write_config(tmp_path / "unet.yaml", store_64, real_n=16, epochs=1, checkpoint_every_steps=0)
     single = subprocess.run(train_cmd(config, tmp_path / "single"), capture_output=True, text=True, timeout=600)

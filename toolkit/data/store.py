@@ -4,7 +4,8 @@ Layout (DESIGN §4)::
 
     STORE/manifest.json            written last and atomically; a store without it is incomplete
     STORE/<split>/shard-00000.h5   image uint16 [n,S,S] (absent in mask-only stores), label uint8 [n,S,S],
-                                   subject str [n], slice int16 [n], empty bool [n], class_pixels uint32 [n,K]
+                                   subject fixed-length utf-8 [n], slice int16 [n], empty bool [n],
+                                   class_pixels uint32 [n,K]
     STORE/.progress.jsonl          while a store is being written: one line per finished shard (removed at the end)
 
 Shard datasets are compressed with Blosc (LZ4, byte shuffle) through ``hdf5plugin`` rather than DESIGN §4's lzf:
@@ -197,7 +198,11 @@ def write_shard(path: Path, *, label: np.ndarray, subject: Sequence[str], slice_
         if image is not None:
             f.create_dataset("image", data=image, chunks=chunks, **_FILTER)
         f.create_dataset("label", data=label, chunks=chunks, **_FILTER)
-        f.create_dataset("subject", data=np.asarray(subject, dtype=object), dtype=h5py.string_dtype())
+        # Fixed-length UTF-8, stored inline: variable-length strings live in HDF5's global heap, whose unused bytes
+        # are not guaranteed to be initialised, and shard checksums must not depend on the writer's memory.
+        encoded = [name.encode() for name in subject]
+        width = max((len(e) for e in encoded), default=1) or 1
+        f.create_dataset("subject", data=np.array(encoded, dtype=h5py.string_dtype("utf-8", width)))
         f.create_dataset("slice", data=np.asarray(slice_index, dtype=np.int16))
         f.create_dataset("empty", data=empty)
         f.create_dataset("class_pixels", data=class_pixels)
