@@ -38,3 +38,19 @@ def segmentation_grid(images: np.ndarray, predictions: np.ndarray, truths: np.nd
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
     return path
+
+
+def sample_grid(labels: np.ndarray, path: Path, title: str = "", columns: int = 8) -> Path:
+    """Save a grid of label images (e.g. generated masks) coloured by class; returns ``path``."""
+    rows = -(-len(labels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.2 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, label in zip(axes.flat, labels):
+        ax.imshow(label, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return path

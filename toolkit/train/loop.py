@@ -36,7 +36,11 @@ log = logging.getLogger(__name__)
 class Task(Protocol):
     """What a trainer provides; the loop calls nothing else."""
 
-    def batches_per_epoch(self) -> int: ...
+    def loop_config(self) -> LoopConfig:
+        """Length of the run and checkpoint cadence (the PGAN derives its epoch count, the ticks, from its schedule)."""
+        ...
+
+    def batches_per_epoch(self, epoch: int) -> int: ...
 
     def batches(self, epoch: int, start: int) -> Iterator[Any]:
         """The batches of ``epoch`` from index ``start`` on; the same sequence every time it is asked for."""
@@ -45,7 +49,7 @@ class Task(Protocol):
     def train_step(self, batch: Any) -> dict[str, float]: ...
 
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """Validation metrics after ``epoch``; must include ``val_loss`` (lower is better)."""
+        """Metrics after ``epoch``; ``val_loss`` (lower is better), when present, selects ``best.pt``."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -53,7 +57,8 @@ class Task(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     def save_best(self, path: Path) -> None:
-        """Write what evaluation and inference need (weights, normalisation, config) to ``path``, atomically."""
+        """Write what evaluation and inference need to ``path``, atomically (called only when ``evaluate`` reports an
+        improved ``val_loss``)."""
         ...
 
 
@@ -180,7 +185,7 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, dist: Dist, *, config: dict[
     last_save = time.monotonic()
     try:
         while progress.epoch < cfg.epochs:
-            bar = tqdm(task.batches(progress.epoch, progress.batch), total=task.batches_per_epoch(),
+            bar = tqdm(task.batches(progress.epoch, progress.batch), total=task.batches_per_epoch(progress.epoch),
                        initial=progress.batch, desc=f"epoch {progress.epoch}", disable=None if dist.is_main else True)
             for batch in bar:
                 values = task.train_step(batch)
@@ -198,7 +203,7 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, dist: Dist, *, config: dict[
                 if stop_now:
                     return LoopResult("preempted", {"step": progress.step, "epoch": progress.epoch}, resumed)
             values = task.evaluate(progress.epoch)
-            if values["val_loss"] < progress.best:
+            if values.get("val_loss", math.inf) < progress.best:
                 progress.best = values["val_loss"]
                 if dist.is_main:
                     task.save_best(run_dir / "best.pt")

@@ -103,8 +103,8 @@ def normalise(image: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:
 class UNetTask:
     """Data, model, optimiser and the two per-step computations of U-Net training."""
 
-    def __init__(self, cfg: UNetRunConfig, dist: Dist) -> None:
-        self.cfg, self.dist = cfg, dist
+    def __init__(self, cfg: UNetRunConfig, dist: Dist, run_dir: Path) -> None:
+        self.cfg, self.dist, self.run_dir = cfg, dist, Path(run_dir)
         if cfg.optim.batch % dist.world_size:
             raise ValueError(f"optim.batch = {cfg.optim.batch} must be divisible by the {dist.world_size} ranks")
         d = cfg.data
@@ -126,8 +126,11 @@ class UNetTask:
         self.step_fn = torch.compile(self.net) if cfg.runtime.compile else self.net
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.optim.lr)
 
+    def loop_config(self) -> LoopConfig:
+        return self.cfg.loop
+
     # --- data -------------------------------------------------------------------------------------------------
-    def batches_per_epoch(self) -> int:
+    def batches_per_epoch(self, epoch: int = 0) -> int:
         return len(self.train_set) // self.cfg.optim.batch
 
     def _loader(self, dataset: SliceDataset, batches: list[list[int]]) -> DataLoader:
