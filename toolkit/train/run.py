@@ -21,7 +21,10 @@ from toolkit.train.loop import LoopResult, StopRequest, run
 log = logging.getLogger(__name__)
 
 # model name -> (module, run-config class, task class); the module is imported only when that model is trained
-TRAINERS = {"unet": ("toolkit.train.unet", "UNetRunConfig", "UNetTask")}
+TRAINERS = {
+    "unet": ("toolkit.train.unet", "UNetRunConfig", "UNetTask"),
+    "pgan": ("toolkit.train.pgan", "PGANRunConfig", "PGANTask"),
+}
 
 
 def trainer(model: str) -> tuple[type, type]:
@@ -60,7 +63,7 @@ def train(model: str, config_path: Path, overrides: tuple[str, ...] = (), run_di
             _claim_run_dir(run_dir, cfg)
         dist.barrier()
         stop = StopRequest()
-        task = task_cls(cfg, dist)
-        return run(task, cfg.loop, run_dir, dist, config=configs.to_dict(cfg), stop=stop)
+        task = task_cls(cfg, dist, run_dir)
+        return run(task, task.loop_config(), run_dir, dist, config=configs.to_dict(cfg), stop=stop)
     finally:
         dist.close()
