@@ -102,6 +102,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             model = UNetConfig(classes=run.data.classes, widths=run.model.widths, bridge=run.model.bridge)
         doc = bench_unet(model, device=args.device, batch=args.batch, size=args.size, steps=args.steps,
                          compile=args.compile)
+    elif args.target == "swd":
+        from toolkit.bench.swd import bench_swd
+
+        doc = bench_swd(images=args.images, size=args.size, device=args.device)
     elif args.target == "ingest":
         from toolkit.bench.ingest import bench_ingest
 
@@ -120,13 +124,46 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the run checkpointed on a signal; run the sa
 def _cmd_train(args: argparse.Namespace) -> int:
     from toolkit.train.run import train
 
+    if args.dry_schedule:
+        return _dry_schedule(args)
     result = train(args.model, Path(args.config), tuple(args.set), Path(args.run_dir) if args.run_dir else None,
                    args.dist)
     print(json.dumps({"status": result.status, **result.metrics}))
     return 0 if result.status == "done" else PREEMPTED_EXIT
 
 
+def _dry_schedule(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from toolkit.config import load
+    from toolkit.train.pgan import PGANRunConfig
+    from toolkit.train.pgan_schedule import dry_schedule
+
+    if args.model != "pgan":
+        raise ValueError("--dry-schedule applies to `train pgan` only")
+    cfg = load(PGANRunConfig, args.config, args.set)
+    doc = dry_schedule(replace(cfg.schedule, resolution=cfg.model.resolution))
+
+    def text(d: dict[str, Any]) -> str:
+        lines = [f"{d['ticks']} ticks, {d['total_kimg']} kimg", "  res  ticks    kimg  minibatch"]
+        lines += [f"{int(r):5d} {v['ticks']:6d} {v['kimg']:7g} {v['minibatch']:10d}"
+                  for r, v in d["per_resolution"].items()]
+        return "\n".join(lines)
+
+    _emit(args, doc, text)
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.model == "swd":
+        from toolkit.train.pgan_eval import evaluate_snapshots
+
+        doc = evaluate_snapshots(Path(args.run), real=Path(args.real) if args.real else None, images=args.images,
+                                 seed=args.seed, device=args.device)
+        if doc:  # rank 0 only: the other MPI ranks print nothing
+            _emit(args, doc, lambda d: f"{d['snapshots']} snapshots scored ({d['scored_now']} now, {d['ranks']} "
+                  f"ranks); best {d['best']} with SWD {d['best_swd_avg']:.3f}")
+        return 0
     from toolkit.train.unet_eval import evaluate_run
 
     doc = evaluate_run(Path(args.run), store=Path(args.store) if args.store else None, split=args.split,
@@ -140,6 +177,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         return "\n".join(lines)
 
     _emit(args, doc, text)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from toolkit.train.generate import generate_masks
+
+    manifest = generate_masks(Path(args.run), args.n, Path(args.out), snapshot=args.snapshot, seed=args.seed,
+                              shard_size=args.shard_size, batch=args.batch, device=args.device)
+    print(f"{args.out}: {manifest.splits['train'].n} synthetic masks from {manifest.provenance.get('snapshot')}")
+    return 0
+
+
+def _cmd_swd(args: argparse.Namespace) -> int:
+    from toolkit.metrics.swd import load_images, swd
+
+    real, fake = (load_images(Path(p), args.images) for p in (args.real, args.fake))
+    n = min(len(real), len(fake))
+    doc = swd(real[:n], fake[:n], seed=args.seed, device=args.device)
+    _emit(args, doc, lambda d: ", ".join(f"{k}² {v:.3f}" for k, v in d["swd_x1e3"].items())
+          + f"; average {d['swd_x1e3_avg']:.3f} (SWD ×1e3, {d['images']} images)")
     return 0
 
 
@@ -195,21 +252,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_dice)
 
     p = sub.add_parser("train", help="train a model from a YAML config (resumes an existing run directory)")
-    p.add_argument("model", choices=("unet",))
+    p.add_argument("model", choices=("unet", "pgan"))
     p.add_argument("-c", "--config", required=True)
+    p.add_argument("--dry-schedule", action="store_true", help="pgan: print the tick table and exit")
+    p.add_argument("--json", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--run-dir")
     p.add_argument("--dist", choices=("none", "ddp"), default="none")
     p.set_defaults(fn=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="score a run's best checkpoint on a store split")
-    p.add_argument("model", choices=("unet",))
+    p = sub.add_parser("evaluate", help="unet: score a run's best checkpoint; swd: score every PGAN snapshot (MPI)")
+    p.add_argument("model", choices=("unet", "swd"))
     p.add_argument("run")
+    p.add_argument("--real", help="swd: real store (default: the one the PGAN trained on)")
+    p.add_argument("--images", type=int, default=16384, help="swd: images per set (official protocol: 16,384)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--store", help="store to evaluate on (default: the run's real store)")
     p.add_argument("--split", default="test")
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_evaluate)
+
+    p = sub.add_parser("generate", help="generate synthetic masks from a PGAN snapshot into a store")
+    p.add_argument("kind", choices=("masks",))
+    p.add_argument("run")
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--snapshot", default="best", help="best (after evaluate swd), tick-NNNN, or a .pt path")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device")
+    p.set_defaults(fn=_cmd_generate)
+
+    p = sub.add_parser("swd", help="sliced Wasserstein distance between two image sets (.npy or stores)")
+    p.add_argument("real")
+    p.add_argument("fake")
+    p.add_argument("--images", type=int, help="use the first N images of each set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_swd)
 
     p = sub.add_parser("demo", help="run the pipeline on the demo cohort and write OUT/report.md")
     p.add_argument("--out", default="demo-out")
@@ -218,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_demo)
 
     p = sub.add_parser("bench", help="throughput benchmarks")
-    p.add_argument("target", choices=("unet", "ingest", "loader"))
+    p.add_argument("target", choices=("unet", "swd", "ingest", "loader"))
+    p.add_argument("--images", type=int, default=1024, help="images per set (swd)")
     p.add_argument("-c", "--config", help="run config whose model to benchmark (unet; default: the paper's)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--steps", type=int, default=5, help="timed training steps (unet)")

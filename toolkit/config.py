@@ -130,10 +130,12 @@ def _convert(tp: Any, value: Any, path: str, source: str) -> Any:
         items = [_convert(k, v, f"{path}[{i}]", source) for i, (k, v) in enumerate(zip(kinds, value))]
         return tuple(items) if origin is tuple else items
     if origin is dict:
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        if not isinstance(value, Mapping):
             raise wrong()
-        item = args[1] if args else Any
-        return {k: _convert(item, v, _join(path, k), source) for k, v in value.items()}
+        key_type, item = args if args else (Any, Any)
+        # keys are checked like values (int keys such as resolutions stay strict: no "4" for 4)
+        return {_convert(key_type, k, path, source): _convert(item, v, _join(path, str(k)), source)
+                for k, v in value.items()}
     if tp in (bool, int, str) and type(value) is tp:  # strict: no 0/1 for bools, no True or 1.0 for ints
         return value
     if tp is float and (type(value) in (int, float) or (isinstance(value, str) and _FLOAT.fullmatch(value.strip()))):

@@ -54,3 +54,18 @@ def sample_grid(labels: np.ndarray, path: Path, title: str = "", columns: int = 
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
     return path
+
+
+def curve(x: list[float], y: list[float], path: Path, *, xlabel: str, ylabel: str, mark: float | None = None) -> Path:
+    """Save a line plot of ``y`` against ``x``, with an optional vertical marker (e.g. the best tick)."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(x, y, marker="o", markersize=3)
+    if mark is not None:
+        ax.axvline(mark, color="tab:red", linestyle="--", linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,152 @@
+"""SWD: agreement with the naive per-image reference, metric properties, the pyramid, caching and loading."""
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+
+from toolkit.bench.swd import bench_masks, naive_swd
+from toolkit.data.store import StoreError, StoreWriter
+from toolkit.metrics.swd import (
+    SWDConfig,
+    cache_meta,
+    descriptors,
+    laplacian_pyramid,
+    load_descriptors,
+    load_images,
+    pyr_down,
+    pyr_up,
+    reconstruct,
+    resolutions,
+    save_descriptors,
+    swd,
+    swd_from_descriptors,
+)
+
+SMALL = SWDConfig(patches_per_image=32, directions=32, repeats=2)
+
+
+def smooth_images(n: int, size: int, seed: int, channels: int = 0, high: int = 255, dtype=np.uint8) -> np.ndarray:
+    """Smoothed noise scaled to [0, high]: image-like structure at every pyramid level."""
+    shape = (n, channels, size, size) if channels else (n, size, size)
+    noise = np.random.default_rng(seed).standard_normal(shape)
+    smooth = scipy.ndimage.gaussian_filter(noise, sigma=[0] * (len(shape) - 2) + [1.5, 1.5])
+    smooth = (smooth - smooth.min()) / np.ptp(smooth)
+    return np.round(smooth * high).astype(dtype)
+
+
+def assert_same_result(fast: dict, slow: dict, rel: float = 1e-4) -> None:
+    assert fast["images"] == slow["images"]
+    assert list(fast["swd_x1e3"]) == list(slow["swd_x1e3"])
+    for key, value in slow["swd_x1e3"].items():
+        assert fast["swd_x1e3"][key] == pytest.approx(value, rel=rel), key
+    assert fast["swd_x1e3_avg"] == pytest.approx(slow["swd_x1e3_avg"], rel=rel)
+
+
+@pytest.mark.parametrize(("size", "channels", "high", "dtype"), [
+    (64, 0, 255, np.uint8), (32, 3, 255, np.uint8), (32, 1, 65535, np.uint16),
+])
+def test_matches_the_naive_reference(size, channels, high, dtype):
+    real = smooth_images(64, size, 0, channels, high, dtype)
+    fake = smooth_images(64, size, 1, channels, high, dtype)
+    assert_same_result(swd(real, fake, seed=3, batch_size=24), naive_swd(real, fake, seed=3))
+
+
+def test_matches_the_naive_reference_on_masks():
+    real, fake = bench_masks(32, 32, 0), bench_masks(32, 32, 1, smoothing=2.0)
+    assert_same_result(swd(real, fake, config=SMALL), naive_swd(real, fake, config=SMALL))
+
+
+def test_pyramid_matches_scipy_mirror_convolution():
+    image = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    kernel = np.outer([1, 4, 6, 4, 1], [1, 4, 6, 4, 1])[None, None] / 256.0
+    down = scipy.ndimage.convolve(image.numpy(), kernel, mode="mirror")[:, :, ::2, ::2]
+    np.testing.assert_allclose(pyr_down(image).numpy(), down, rtol=1e-12)
+    zeros = np.zeros((2, 3, 64, 64))
+    zeros[:, :, ::2, ::2] = image.numpy()
+    np.testing.assert_allclose(pyr_up(image).numpy(), scipy.ndimage.convolve(zeros, 4 * kernel, mode="mirror"),
+                               rtol=1e-12)
+
+
+def test_pyramid_reconstructs_the_image():
+    image = torch.from_numpy(smooth_images(3, 64, 0, 1).astype(np.float32))
+    pyramid = laplacian_pyramid(image, 3)
+    assert [level.shape[-1] for level in pyramid] == [64, 32, 16]
+    torch.testing.assert_close(reconstruct(pyramid), image, atol=1e-4, rtol=0)
+
+
+def test_levels_and_keys():
+    assert resolutions(256) == [256, 128, 64, 32, 16]
+    assert resolutions(16) == [16]
+    result = swd(smooth_images(4, 128, 0), smooth_images(4, 128, 1), config=SMALL)
+    assert list(result["swd_x1e3"]) == ["128", "64", "32", "16"]
+    assert result["images"] == 4
+    assert result["swd_x1e3_avg"] == pytest.approx(np.mean(list(result["swd_x1e3"].values())))
+
+
+def test_identical_sets_give_zero_and_order_does_not_matter():
+    a, b = smooth_images(32, 32, 0), smooth_images(32, 32, 1)
+    zero = swd(a, a.copy(), config=SMALL)
+    assert zero["swd_x1e3_avg"] == 0 and all(v == 0 for v in zero["swd_x1e3"].values())
+    assert swd(a, b, config=SMALL) == swd(b, a, config=SMALL)
+
+
+def test_grows_with_perturbation():
+    real = smooth_images(32, 32, 0)
+    rng = np.random.default_rng(1)
+    noise = rng.standard_normal(real.shape)
+    averages = [swd(real, np.clip(real + sigma * noise, 0, 255).astype(np.uint8), config=SMALL)["swd_x1e3_avg"]
+                for sigma in (0, 2, 8, 32)]
+    assert averages[0] == 0 and averages == sorted(averages) and averages[-1] > 3 * averages[1]
+
+
+def test_seeded_and_batch_size_independent():
+    a, b = smooth_images(16, 32, 0), smooth_images(16, 32, 1)
+    first = swd(a, b, config=SMALL, seed=5)
+    assert_same_result(swd(a, b, config=SMALL, seed=5, batch_size=3), first, rel=1e-6)
+    assert swd(a, b, config=SMALL, seed=6) != first
+    # Torch tensors (here uint8) are read the same as numpy arrays.
+    assert swd(torch.from_numpy(a), torch.from_numpy(b), config=SMALL, seed=5) == first
+
+
+def test_rejects_bad_inputs():
+    a = smooth_images(4, 32, 0)
+    with pytest.raises(ValueError, match="same number of images"):
+        swd(a, a[:3])
+    with pytest.raises(ValueError, match="power of two"):
+        swd(a[:, :24, :24], a[:, :24, :24])
+    with pytest.raises(ValueError, match="C 1 or 3"):
+        swd(a[:, None].repeat(2, axis=1), a[:, None].repeat(2, axis=1))
+    with pytest.raises(ValueError, match="integer"):
+        swd(a > 0, a > 0)
+
+
+def test_cached_descriptors_give_the_same_result(tmp_path):
+    a, b = smooth_images(8, 32, 0), smooth_images(8, 32, 1)
+    meta = cache_meta(SMALL, seed=2, images=8, source="a")
+    save_descriptors(tmp_path / "real.pt", descriptors(a, SMALL, seed=2), meta)
+    cached = load_descriptors(tmp_path / "real.pt", meta)
+    assert swd_from_descriptors(cached, descriptors(b, SMALL, seed=2), config=SMALL, seed=2) == \
+        swd(a, b, config=SMALL, seed=2)
+    with pytest.raises(ValueError, match=r"real\.pt"):
+        load_descriptors(tmp_path / "real.pt", {**meta, "seed": 3})
+
+
+def test_load_images_from_npy_and_store(tmp_path):
+    masks = bench_masks(6, 16, 0)
+    np.save(tmp_path / "masks.npy", masks)
+    np.testing.assert_array_equal(load_images(tmp_path / "masks.npy", 4), masks[:4])
+    writer = StoreWriter(tmp_path / "store", classes=7)
+    writer.write("train", 0, label=masks, subject=["s"] * 6, slice_index=np.arange(6))
+    writer.finish(kind="real", image_size=16, has_image=False, shard_counts={"train": 1})
+    np.testing.assert_array_equal(load_images(tmp_path / "store"), masks)
+    np.testing.assert_array_equal(load_images(tmp_path / "store", 2), masks[:2])
+    with pytest.raises(StoreError, match="no 'image'"):
+        load_images(tmp_path / "store", field="image")
+    with pytest.raises(ValueError, match="holds 6"):
+        load_images(tmp_path / "store", 7)
+    with pytest.raises(FileNotFoundError, match=r"missing\.npy"):
+        load_images(tmp_path / "missing.npy")
+    (tmp_path / "masks.txt").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"masks\.txt"):
+        load_images(tmp_path / "masks.txt")

@@ -1,0 +1,233 @@
+"""Progressive GAN networks: shapes, equalised learning rate, pixel norm, minibatch stddev, the lod fade (G, D and
+reals), paper-config parameter counts, gradients."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from toolkit.models.pgan import (
+    Discriminator,
+    EqualizedConv2d,
+    EqualizedLinear,
+    Generator,
+    MinibatchStddev,
+    PGANConfig,
+    blend_reals,
+    pixel_norm,
+    split_lod,
+)
+
+TINY = PGANConfig(resolution=32, latent=16, fmap_base=64, fmap_max=16)  # widths 16, 16, 16, 8 at 4², 8², 16², 32²
+LODS = (0.0, 0.25, 1.0, 1.5, 2.0, 2.75, 3.0)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Generator, Discriminator]:
+    torch.manual_seed(0)
+    return Generator(TINY), Discriminator(TINY)
+
+
+@pytest.fixture(scope="module")
+def paper() -> tuple[Generator, Discriminator]:
+    torch.manual_seed(0)
+    return Generator(PGANConfig()), Discriminator(PGANConfig())
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_config_widths_and_validation():
+    c = PGANConfig()
+    assert [c.nf(r - 1) for r in range(2, 9)] == [512, 512, 512, 512, 256, 128, 64]
+    assert c.max_lod == 6 and c.nf(0) == 512
+    with pytest.raises(ValueError, match="power of two"):
+        PGANConfig(resolution=48)
+    with pytest.raises(ValueError, match=r"pgan\.channels"):
+        PGANConfig(channels=0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("lod", LODS)
+def test_shapes(channels, lod):
+    torch.manual_seed(0)
+    config = PGANConfig(resolution=32, channels=channels, latent=16, fmap_base=64, fmap_max=16)
+    G, D = Generator(config), Discriminator(config)
+    images = G(torch.randn(4, 16), lod)
+    assert images.shape == (4, channels, 32, 32)
+    assert D(images, lod).shape == (4, 1)
+    assert blend_reals(images, lod).shape == images.shape
+
+
+def test_lod_out_of_range(tiny):
+    G, D = tiny
+    for lod in (-0.1, 3.01):
+        with pytest.raises(ValueError, match="lod"):
+            G(torch.randn(2, 16), lod)
+        with pytest.raises(ValueError, match="lod"):
+            D(torch.randn(2, 1, 32, 32), lod)
+
+
+def _equalized(model: torch.nn.Module) -> list[EqualizedConv2d | EqualizedLinear]:
+    return [m for m in model.modules() if isinstance(m, EqualizedConv2d | EqualizedLinear)]
+
+
+def test_equalized_lr_default_gain(paper):
+    """Stored weights ~ N(0, 1), biases 0; effective weight std = gain / sqrt(fan_in), gain √2 unless special."""
+    G, D = paper
+    special = {id(G.blocks[0].dense): math.sqrt(2) / 4, id(D.blocks[0].dense1): 1.0}
+    special.update({id(m): 1.0 for m in G.to_rgb})
+    for layer in _equalized(G) + _equalized(D):
+        w = layer.weight.detach()
+        fan_in = w[0].numel()
+        gain = special.get(id(layer), math.sqrt(2))
+        assert layer.scale == pytest.approx(gain / math.sqrt(fan_in), rel=1e-12)
+        if w.numel() >= 10_000:  # enough samples for a tight estimate
+            assert abs(float(w.mean())) < 0.02 and float(w.std()) == pytest.approx(1.0, abs=0.03)
+            assert float((w * layer.scale).std()) == pytest.approx(gain / math.sqrt(fan_in), rel=0.03)
+        if layer.bias is not None:
+            assert torch.all(layer.bias == 0)
+
+
+def test_equalized_lr_special_gains(paper):
+    G, D = paper
+    assert G.blocks[0].dense.scale == pytest.approx(math.sqrt(2) / 4 / math.sqrt(512))
+    assert G.blocks[0].dense.bias is None and torch.all(G.blocks[0].bias == 0)  # per-channel bias after reshape
+    assert [m.scale for m in G.to_rgb] == pytest.approx([1 / math.sqrt(w) for w in (512,) * 4 + (256, 128, 64)])
+    assert D.blocks[0].dense1.scale == pytest.approx(1 / math.sqrt(512))
+    assert D.blocks[0].dense0.scale == pytest.approx(math.sqrt(2) / math.sqrt(512 * 16))
+    assert D.from_rgb[-1].conv.scale == pytest.approx(math.sqrt(2))  # 1×1 conv on one channel
+
+
+def test_pixel_norm_unit_mean_square():
+    x = torch.randn(3, 7, 5, 5) * 10 + 2
+    y = pixel_norm(x)
+    assert torch.allclose(y.square().mean(dim=1), torch.ones(3, 5, 5), atol=1e-5)
+    assert torch.allclose(pixel_norm(torch.randn(4, 512)).square().mean(dim=1), torch.ones(4), atol=1e-5)
+
+
+def _mbstd_direct(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Per-sample stddev feature, computed sample by sample: sample i's group is {i mod M + j·M}."""
+    n = len(x)
+    g = min(group, n)
+    m = n // g
+    out = torch.empty(n, dtype=torch.float64)
+    for i in range(n):
+        members = x[[i % m + j * m for j in range(g)]].double()
+        var = ((members - members.mean(dim=0)) ** 2).mean(dim=0)  # biased
+        out[i] = torch.sqrt(var + 1e-8).mean()
+    return out
+
+
+@pytest.mark.parametrize(("n", "group"), [(8, 4), (12, 4), (2, 4), (4, 4), (6, 2)])
+def test_minibatch_stddev_matches_direct(n, group):
+    torch.manual_seed(n)
+    x = torch.randn(n, 5, 4, 4) * torch.arange(1, n + 1).view(n, 1, 1, 1)  # groups differ in spread
+    y = MinibatchStddev(group)(x)
+    assert y.shape == (n, 6, 4, 4) and torch.equal(y[:, :5], x)
+    feature = y[:, 5]
+    assert torch.all(feature == feature[:, :1, :1])  # constant over pixels
+    expected = _mbstd_direct(x, group)
+    assert torch.allclose(feature[:, 0, 0].double(), expected, rtol=1e-5)
+    m = n // min(group, n)
+    if m > 1:  # strided groups: sample i shares the value of i + M, not of i + 1
+        assert feature[0, 0, 0] == feature[m, 0, 0] and feature[0, 0, 0] != feature[1, 0, 0]
+
+
+def test_minibatch_stddev_rejects_indivisible_batch():
+    with pytest.raises(ValueError, match="divisible"):
+        MinibatchStddev(4)(torch.randn(6, 2, 4, 4))
+
+
+def test_split_lod_alpha():
+    assert split_lod(3, 3) == (0, 1.0)  # 4×4, stable
+    assert split_lod(2, 3) == (1, 1.0)  # 8×8 stable: the block is fully on
+    assert split_lod(0, 3) == (3, 1.0)
+    level, alpha = split_lod(2.999999, 3)  # just after the fade into 8×8 starts: the block is (almost) off
+    assert level == 1 and alpha == pytest.approx(0.0, abs=1e-5)
+    assert split_lod(1.25, 3) == (2, 0.75)
+
+
+def test_generator_fade_is_a_lerp_and_continuous(tiny):
+    G, _ = tiny
+    z = torch.randn(4, 16)
+    with torch.no_grad():
+        stable = {k: G(z, float(k)) for k in range(4)}
+        for k in range(3):
+            for t in (0.25, 0.5, 0.9):  # official: lerp(new, upsampled previous, lod − k)
+                assert torch.allclose(G(z, k + t), torch.lerp(stable[k], stable[k + 1], t), atol=1e-5)
+            assert torch.allclose(G(z, k + 1e-6), stable[k], atol=1e-4)
+            assert torch.allclose(G(z, k + 1 - 1e-6), stable[k + 1], atol=1e-4)
+    # at lod k the output is constant on 2**k blocks (nearest upsampling of the current resolution)
+    low = stable[2]
+    assert torch.equal(low, F.interpolate(low[..., ::4, ::4], scale_factor=4, mode="nearest"))
+
+
+def test_discriminator_fade_is_continuous(tiny):
+    _, D = tiny
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        for k in range(3):
+            assert torch.allclose(D(x, k + 1e-6), D(x, float(k)), atol=1e-4)
+            assert torch.allclose(D(x, k + 1 - 1e-6), D(x, float(k + 1)), atol=1e-4)
+            assert not torch.allclose(D(x, k + 0.5), D(x, float(k)), atol=1e-4)
+            # D only sees the current resolution: blending the reals first changes nothing at an integer lod
+            assert torch.allclose(D(blend_reals(x, float(k)), float(k)), D(x, float(k)), atol=1e-5)
+
+
+def _box_down_up(x: torch.Tensor, factor: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // factor, factor, w // factor, factor).mean(dim=(3, 5))
+    return y.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+
+
+def test_blend_reals():
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(blend_reals(x, 0.0), x)
+    for k in range(4):
+        assert torch.allclose(blend_reals(x, float(k)), _box_down_up(x, 2**k), atol=1e-6)
+    for lod in (0.3, 1.5, 2.75):  # the image lerps towards its 2×2-box-down/nearest-up copy
+        k, t = math.floor(lod), lod - math.floor(lod)
+        expected = torch.lerp(_box_down_up(x, 2**k), _box_down_up(x, 2 ** (k + 1)), t)
+        assert torch.allclose(blend_reals(x, lod), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="power-of-two"):
+        blend_reals(torch.randn(1, 1, 24, 24), 0.0)
+
+
+def test_paper_parameter_counts(paper):
+    """Counted from the layer list in the official code: conv k×k = k²·in·out + out, dense = in·out (+ out)."""
+    G, D = paper
+
+    def conv(k: int, c_in: int, c_out: int) -> int:
+        return k * k * c_in * c_out + c_out
+
+    widths = [512, 512, 512, 512, 256, 128, 64]  # 4² … 256²
+    g = 512 * 512 * 16 + 512 + conv(3, 512, 512)  # dense (no bias) + per-channel bias, 4×4 conv
+    g += sum(conv(3, a, b) + conv(3, b, b) for a, b in itertools.pairwise(widths))
+    g += sum(conv(1, w, 1) for w in widths)  # ToRGB at every resolution
+    d = conv(3, 513, 512) + (512 * 16 * 512 + 512) + (512 + 1)  # mbstd conv, Dense0, Dense1
+    d += sum(conv(3, b, b) + conv(3, b, a) for a, b in itertools.pairwise(widths))
+    d += sum(conv(1, 1, w) for w in widths)  # FromRGB
+    assert _params(G) == g == 23_039_303
+    assert _params(D) == d == 23_047_361
+
+
+def test_gradients_reach_every_parameter(tiny):
+    G, D = tiny
+    lower_rgb = {id(p) for m in (*G.to_rgb[:-1], *D.from_rgb[:-1]) for p in m.parameters()}
+    G.zero_grad(set_to_none=True)
+    D.zero_grad(set_to_none=True)
+    D(G(torch.randn(4, 16), 0.0), 0.0).sum().backward()
+    for name, p in [*G.named_parameters(), *D.named_parameters()]:
+        if id(p) in lower_rgb:  # lower-resolution ToRGB/FromRGB are unused at full resolution
+            assert p.grad is None, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # during the fade into full resolution the previous ToRGB/FromRGB are live too
+    G.zero_grad(set_to_none=True)
+    D.zero_grad(set_to_none=True)
+    D(G(torch.randn(4, 16), 0.5), 0.5).sum().backward()
+    assert G.to_rgb[-2].weight.grad.abs().sum() > 0 and D.from_rgb[-2].conv.weight.grad.abs().sum() > 0

@@ -1,0 +1,88 @@
+"""`tumorsynth generate masks`: a PGAN snapshot → a mask-only synthetic store, in batches, resumable by shard.
+
+Shard k's latents come from a generator seeded by (seed, k), so a killed generation resumes by skipping finished
+shards (checksums verified by :class:`StoreWriter`) and produces the same store as an uninterrupted one. Generator
+outputs in [−1, 1] are mapped back to label values 0…6, rounded to the nearest class and clipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from toolkit.config import from_dict
+from toolkit.data.store import MANIFEST, Manifest, Store, StoreWriter
+from toolkit.models.pgan import Generator, PGANConfig
+from toolkit.train.pgan import to_labels
+
+log = logging.getLogger(__name__)
+
+
+def snapshot_path(run_dir: Path, snapshot: str = "best") -> Path:
+    """Resolve ``best`` (the pointer `evaluate swd` writes), a tick name such as ``tick-0012`` or a file path."""
+    run_dir = Path(run_dir)
+    if snapshot == "best":
+        pointer = run_dir / "snapshots" / "best"
+        if not pointer.exists():
+            raise FileNotFoundError(f"{pointer}: no best snapshot yet; run `tumorsynth evaluate swd {run_dir}` first")
+        snapshot = pointer.read_text().strip()
+    path = Path(snapshot) if snapshot.endswith(".pt") and Path(snapshot).exists() else (
+        run_dir / "snapshots" / f"{Path(snapshot).stem}.pt")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such snapshot")
+    return path
+
+
+def load_generator(path: Path, device: torch.device) -> tuple[Generator, dict[str, Any]]:
+    """The EMA generator of a snapshot, in eval mode, and the snapshot's metadata (lod, kimg, tick, store)."""
+    snap = torch.load(path, map_location="cpu", weights_only=True)
+    generator = Generator(from_dict(PGANConfig, snap["model"], source=str(path)))
+    generator.load_state_dict(snap["G_ema"], strict=True)
+    return generator.to(device).eval(), {k: v for k, v in snap.items() if k != "G_ema"}
+
+
+@torch.no_grad()
+def generate_labels(generator: Generator, lod: float, latents: torch.Tensor, batch: int) -> np.ndarray:
+    """Label maps uint8 [n, R, R] for ``latents``, ``batch`` at a time."""
+    device = next(generator.parameters()).device
+    parts = [to_labels(generator(latents[i:i + batch].to(device), lod)[:, 0]).cpu()
+             for i in range(0, len(latents), batch)]
+    return torch.cat(parts).numpy()
+
+
+def generate_masks(run_dir: Path, n: int, out: Path, *, snapshot: str = "best", seed: int = 0,
+                   shard_size: int = 1024, batch: int = 64, device: str | None = None) -> Manifest:
+    """Write ``n`` generated masks as the train split of the synthetic store ``out``; a complete store is kept."""
+    out = Path(out)
+    if (out / MANIFEST).exists():
+        log.info("%s: store is already complete", out)
+        return Store(out).manifest
+    if n < 1:
+        raise ValueError(f"--n must be ≥ 1, got {n}")
+    path = snapshot_path(run_dir, snapshot)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    generator, meta = load_generator(path, dev)
+    latent = generator.config.latent
+    writer = StoreWriter(out, classes=7)
+    shards = -(-n // shard_size)
+    size = 0
+    for k in tqdm(range(shards), desc="shards", disable=None):
+        rows = min(shard_size, n - k * shard_size)
+        if writer.done("train", k):
+            continue
+        z = torch.randn(rows, latent, generator=torch.Generator().manual_seed(seed * 1_000_003 + k))
+        labels = generate_labels(generator, float(meta["lod"]), z, batch)
+        size = labels.shape[-1]
+        first = k * shard_size
+        writer.write("train", k, label=labels, subject=[f"{path.stem}-{first + i:07d}" for i in range(rows)],
+                     slice_index=np.full(rows, -1))
+    size = size or generator.config.resolution
+    return writer.finish(kind="synthetic", image_size=size, has_image=False, shard_counts={"train": shards},
+                         provenance={"generator_run": str(Path(run_dir).resolve()), "snapshot": path.name,
+                                     "tick": meta.get("tick"), "kimg": meta.get("kimg"), "seed": seed, "n": n,
+                                     "source_store": meta.get("store")})
