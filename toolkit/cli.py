@@ -102,6 +102,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             model = UNetConfig(classes=run.data.classes, widths=run.model.widths, bridge=run.model.bridge)
         doc = bench_unet(model, device=args.device, batch=args.batch, size=args.size, steps=args.steps,
                          compile=args.compile)
+    elif args.target == "pgan":
+        from toolkit.bench.pgan import bench_pgan
+        from toolkit.config import load
+        from toolkit.models.pgan import PGANConfig
+        from toolkit.train.pgan import PGANRunConfig
+
+        model = load(PGANRunConfig, args.config).model if args.config else PGANConfig()
+        doc = bench_pgan(model, device=args.device, batch=args.batch, steps=args.steps)
     elif args.target == "swd":
         from toolkit.bench.swd import bench_swd
 
@@ -184,7 +192,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from toolkit.train.generate import generate_masks
 
     manifest = generate_masks(Path(args.run), args.n, Path(args.out), snapshot=args.snapshot, seed=args.seed,
-                              shard_size=args.shard_size, batch=args.batch, device=args.device)
+                              shard_size=args.shard_size, batch=args.batch, device=args.device, png=args.png)
     print(f"{args.out}: {manifest.splits['train'].n} synthetic masks from {manifest.provenance.get('snapshot')}")
     return 0
 
@@ -283,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1024)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--device")
+    p.add_argument("--png", action=argparse.BooleanOptionalAction, default=False, help="also export PNGs")
     p.set_defaults(fn=_cmd_generate)
 
     p = sub.add_parser("swd", help="sliced Wasserstein distance between two image sets (.npy or stores)")
@@ -301,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_demo)
 
     p = sub.add_parser("bench", help="throughput benchmarks")
-    p.add_argument("target", choices=("unet", "swd", "ingest", "loader"))
+    p.add_argument("target", choices=("unet", "pgan", "swd", "ingest", "loader"))
     p.add_argument("--images", type=int, default=1024, help="images per set (swd)")
     p.add_argument("-c", "--config", help="run config whose model to benchmark (unet; default: the paper's)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

@@ -38,5 +38,5 @@ def read_png(path: Path) -> np.ndarray:
 
 
 def png_name(subject: str, slice_index: int) -> str:
-    """File name of one slice: ``<subject>_s<slice:03d>.png``."""
-    return f"{subject}_s{slice_index:03d}.png"
+    """File name of one slice: ``<subject>_s<slice:03d>.png``; synthetic rows (slice −1) are ``<subject>.png``."""
+    return f"{subject}.png" if slice_index < 0 else f"{subject}_s{slice_index:03d}.png"

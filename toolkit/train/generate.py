@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from toolkit.config import from_dict
-from toolkit.data.store import MANIFEST, Manifest, Store, StoreWriter
+from toolkit.data.prepare import export_png
+from toolkit.data.store import MANIFEST, Manifest, Store, StoreWriter, shard_name
 from toolkit.models.pgan import Generator, PGANConfig
 from toolkit.train.pgan import to_labels
 
@@ -56,8 +57,9 @@ def generate_labels(generator: Generator, lod: float, latents: torch.Tensor, bat
 
 
 def generate_masks(run_dir: Path, n: int, out: Path, *, snapshot: str = "best", seed: int = 0,
-                   shard_size: int = 1024, batch: int = 64, device: str | None = None) -> Manifest:
-    """Write ``n`` generated masks as the train split of the synthetic store ``out``; a complete store is kept."""
+                   shard_size: int = 1024, batch: int = 64, device: str | None = None, png: bool = False) -> Manifest:
+    """Write ``n`` generated masks as the train split of the synthetic store ``out`` (optionally with a PNG export);
+    a complete store is kept as it is."""
     out = Path(out)
     if (out / MANIFEST).exists():
         log.info("%s: store is already complete", out)
@@ -70,19 +72,20 @@ def generate_masks(run_dir: Path, n: int, out: Path, *, snapshot: str = "best", 
     latent = generator.config.latent
     writer = StoreWriter(out, classes=7)
     shards = -(-n // shard_size)
-    size = 0
     for k in tqdm(range(shards), desc="shards", disable=None):
         rows = min(shard_size, n - k * shard_size)
         if writer.done("train", k):
             continue
         z = torch.randn(rows, latent, generator=torch.Generator().manual_seed(seed * 1_000_003 + k))
         labels = generate_labels(generator, float(meta["lod"]), z, batch)
-        size = labels.shape[-1]
         first = k * shard_size
         writer.write("train", k, label=labels, subject=[f"{path.stem}-{first + i:07d}" for i in range(rows)],
                      slice_index=np.full(rows, -1))
-    size = size or generator.config.resolution
-    return writer.finish(kind="synthetic", image_size=size, has_image=False, shard_counts={"train": shards},
+    if png:
+        for k in range(shards):
+            export_png((out, out / shard_name("train", k)))
+    return writer.finish(kind="synthetic", image_size=generator.config.resolution, has_image=False,
+                         shard_counts={"train": shards},
                          provenance={"generator_run": str(Path(run_dir).resolve()), "snapshot": path.name,
                                      "tick": meta.get("tick"), "kimg": meta.get("kimg"), "seed": seed, "n": n,
                                      "source_store": meta.get("store")})

@@ -9,7 +9,9 @@ Fills in :class:`toolkit.train.loop.Task` with the official recipe (reference: s
   of G (β 0.999) is what snapshots hold;
 - data: the non-empty masks of a real store's training split (optionally its reduced prefix), label values 0…6 mapped
   linearly to [−1, 1], 2×2 box-averaged down to the training resolution when the store is larger;
-- after every tick: ``snapshots/tick-<t>.pt`` (EMA generator + everything generation needs) and a sample grid.
+- after every tick: ``snapshots/tick-<t>.pt`` (EMA generator + everything generation needs) and a sample grid;
+- multi-process (``--dist ddp``): as the official multi-GPU code, each rank takes minibatch / ranks of every minibatch
+  and gradients are averaged over ranks; minibatch-stddev therefore sees only the rank's share (groups stay per GPU).
 
 Real minibatches are drawn with a generator seeded by (seed, iteration), latents and GP mixing weights from the global
 torch RNG (restored from checkpoints), so a resumed run continues bit-identically on CPU.
@@ -87,6 +89,23 @@ def to_labels(images: torch.Tensor) -> torch.Tensor:
     return torch.round((images + 1) * (MAX_LABEL / 2)).clamp(0, MAX_LABEL).to(torch.uint8)
 
 
+def d_loss(G: Generator, D: Discriminator, reals: torch.Tensor, latents: torch.Tensor, mix: torch.Tensor, lod: float,
+           o: PGANOptimConfig) -> torch.Tensor:
+    """WGAN-GP discriminator loss: D(fake) − D(real) + λ·(‖∇D(x̂)‖₂ − 1)² + ε·D(real)², x̂ = lerp(real, fake, mix)."""
+    with torch.no_grad():
+        fakes = G(latents, lod)
+    real_scores, fake_scores = D(reals, lod).flatten(), D(fakes, lod).flatten()
+    mixed = (reals + mix * (fakes - reals)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(D(mixed, lod).sum(), mixed, create_graph=True)
+    penalty = (grad.flatten(1).norm(dim=1) - 1) ** 2
+    return (fake_scores - real_scores + o.gp_lambda * penalty + o.drift * real_scores**2).mean()
+
+
+def g_loss(G: Generator, D: Discriminator, latents: torch.Tensor, lod: float) -> torch.Tensor:
+    """WGAN generator loss: −D(G(z))."""
+    return -D(G(latents, lod), lod).mean()
+
+
 @dataclass(frozen=True)
 class Iteration:
     """One official loop iteration: its global index, images shown before it, lod and minibatch, and the reals."""
@@ -95,15 +114,15 @@ class Iteration:
     nimg: int
     lod: float
     minibatch: int
-    reals: torch.Tensor  # [repeats, minibatch, C, R, R] in [−1, 1]
+    reals: torch.Tensor  # this rank's share: [repeats, minibatch / ranks, C, R, R] in [−1, 1]
 
 
 class PGANTask:
     """Networks, optimisers, EMA and the per-iteration WGAN-GP computation."""
 
     def __init__(self, cfg: PGANRunConfig, dist: Dist, run_dir: Path) -> None:
-        if dist.active:
-            raise ValueError("PGAN training runs on one process for now (DDP follows with the cluster work)")
+        if any(mb % dist.world_size for mb in cfg.schedule.minibatch.values()):
+            raise ValueError(f"every schedule.minibatch must be divisible by the {dist.world_size} ranks")
         self.cfg, self.dist, self.run_dir = cfg, dist, Path(run_dir)
         source = Source(cfg.data.store, "train", n="reduced" if cfg.data.reduced else None, drop_empty=True)
         self.data = SliceDataset([source], classes=7, with_image=False)
@@ -134,9 +153,8 @@ class PGANTask:
 
     def batches(self, epoch: int, start: int) -> Iterator[Iteration]:
         tick = self.ticks[epoch]
-        for k, (nimg, lod, minibatch) in enumerate(tick.iterations):
-            if k >= start:
-                yield self._iteration(tick.first_iteration + k, nimg, lod, minibatch)
+        for k, (nimg, lod, minibatch) in enumerate(tick.iterations[start:], start):
+            yield self._iteration(tick.first_iteration + k, nimg, lod, minibatch)
 
     def _iteration(self, index: int, nimg: int, lod: float, minibatch: int) -> Iteration:
         repeats = self.cfg.schedule.minibatch_repeats
@@ -147,8 +165,13 @@ class PGANTask:
         factor = self.data.image_size // self.cfg.model.resolution
         if factor > 1:
             reals = F.avg_pool2d(reals, factor)  # the official dataset's lower-resolution copies are box averages
-        reals = reals.reshape(repeats, minibatch, *reals.shape[1:])
+        reals = reals.reshape(repeats, minibatch, *reals.shape[1:])[:, self._share(minibatch)]
         return Iteration(index, nimg, lod, minibatch, reals)
+
+    def _share(self, minibatch: int) -> slice:
+        """This rank's rows of a minibatch: the official multi-GPU split (each GPU takes minibatch / GPUs)."""
+        size = minibatch // self.dist.world_size
+        return slice(self.dist.rank * size, (self.dist.rank + 1) * size)
 
     # --- steps ------------------------------------------------------------------------------------------------
     def train_step(self, it: Iteration) -> dict[str, float]:
@@ -158,35 +181,40 @@ class PGANTask:
         self.prev_lod = it.lod
         d_losses, g_losses = [], []
         for reals in it.reals.to(self.dist.device):
-            d_losses.append(self._d_step(blend_reals(reals, it.lod), it.lod))
-            g_losses.append(self._g_step(len(reals), it.lod))
+            d_losses.append(self._d_step(blend_reals(reals, it.lod), it.lod, it.minibatch))
+            g_losses.append(self._g_step(it.minibatch, it.lod))
             self._update_ema()
         return {"loss_d": float(np.mean(d_losses)), "loss_g": float(np.mean(g_losses)), "lod": it.lod,
                 "kimg": (it.nimg + len(it.reals) * it.minibatch) / 1000}
 
-    def _latents(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.cfg.model.latent).to(self.dist.device)
+    def _draw(self, minibatch: int, *shape: int, uniform: bool = False) -> torch.Tensor:
+        """This rank's rows of a whole-minibatch draw from the global RNG: every rank draws the same numbers, so the
+        RNG state stays identical across ranks and a run is the same whatever the rank count (but for mbstd)."""
+        values = torch.rand(minibatch, *shape) if uniform else torch.randn(minibatch, *shape)
+        return values[self._share(minibatch)].to(self.dist.device)
 
-    def _d_step(self, reals: torch.Tensor, lod: float) -> float:
-        o = self.cfg.optim
-        with torch.no_grad():
-            fakes = self.G(self._latents(len(reals)), lod)
-        real_scores, fake_scores = self.D(reals, lod), self.D(fakes, lod)
-        mix = torch.rand(len(reals), 1, 1, 1).to(reals.device)
-        mixed = (reals + mix * (fakes - reals)).requires_grad_(True)
-        (grad,) = torch.autograd.grad(self.D(mixed, lod).sum(), mixed, create_graph=True)
-        penalty = (grad.flatten(1).norm(dim=1) - 1) ** 2
-        loss = (fake_scores.flatten() - real_scores.flatten() + o.gp_lambda * penalty
-                + o.drift * real_scores.flatten() ** 2).mean()
+    def _average_gradients(self, net: torch.nn.Module) -> None:
+        """The official multi-GPU rule: average the gradients over ranks (a no-op on one process)."""
+        if self.dist.active:
+            for p in net.parameters():
+                if p.grad is not None:
+                    p.grad = self.dist.all_reduce_sum(p.grad) / self.dist.world_size
+
+    def _d_step(self, reals: torch.Tensor, lod: float, minibatch: int) -> float:
+        latents = self._draw(minibatch, self.cfg.model.latent)
+        mix = self._draw(minibatch, 1, 1, 1, uniform=True)
+        loss = d_loss(self.G, self.D, reals, latents, mix, lod, self.cfg.optim)
         self.opt_D.zero_grad(set_to_none=True)
         loss.backward()
+        self._average_gradients(self.D)
         self.opt_D.step()
         return float(loss.detach())
 
-    def _g_step(self, n: int, lod: float) -> float:
-        loss = -self.D(self.G(self._latents(n), lod), lod).mean()
+    def _g_step(self, minibatch: int, lod: float) -> float:
+        loss = g_loss(self.G, self.D, self._draw(minibatch, self.cfg.model.latent), lod)
         self.opt_G.zero_grad(set_to_none=True)
         loss.backward()
+        self._average_gradients(self.G)
         self.opt_G.step()
         return float(loss.detach())
 
@@ -199,13 +227,16 @@ class PGANTask:
         """End of a tick: write the snapshot and a sample grid of the EMA generator."""
         tick = self.ticks[epoch]
         lod = tick.iterations[-1][1]
+        summary = {"tick": float(epoch), "kimg": tick.end_nimg / 1000, "lod": lod}
+        if not self.dist.is_main:
+            return summary
         with atomic_path(self.run_dir / "snapshots" / f"tick-{epoch:04d}.pt") as tmp:
             torch.save({"G_ema": self.G_ema.state_dict(), "model": to_dict(self.cfg.model), "lod": lod,
                         "kimg": tick.end_nimg / 1000, "tick": epoch, "store": str(self.cfg.data.store)}, tmp)
         with torch.no_grad():
             samples = to_labels(self.G_ema(self.sample_z.to(self.dist.device), lod)[:, 0]).cpu().numpy()
         sample_grid(samples, self.run_dir / "samples" / f"tick-{epoch:04d}.png", title=f"tick {epoch}, lod {lod:.2f}")
-        return {"tick": float(epoch), "kimg": tick.end_nimg / 1000, "lod": lod}
+        return summary
 
     # --- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
