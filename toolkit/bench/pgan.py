@@ -6,18 +6,13 @@ penalty's double backward, Adam) and a G step. Images per second count real imag
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 
+from toolkit.bench.timing import time_steps
 from toolkit.models.pgan import Discriminator, Generator, PGANConfig
 from toolkit.train.pgan import PGANOptimConfig, d_loss, g_loss
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_pgan(config: PGANConfig | None = None, *, device: str = "cpu", batch: int = 8, steps: int = 2,
@@ -45,14 +40,7 @@ def bench_pgan(config: PGANConfig | None = None, *, device: str = "cpu", batch: 
             g_loss(G, D, z, lod).backward()
             opt_g.step()
 
-        for _ in range(warmup):
-            step()
-        _sync(dev)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(dev)
-        per_resolution[str(4 << level)] = batch * steps / (time.perf_counter() - start)
+        per_resolution[str(4 << level)] = batch * steps / time_steps(step, dev, steps=steps, warmup=warmup)
     return {"model": "pgan", "device": str(dev), "params_g": sum(p.numel() for p in G.parameters()),
             "params_d": sum(p.numel() for p in D.parameters()),
             "resolution": full, "batch": batch, "steps": steps, "img_per_s": per_resolution[str(full)],

@@ -7,13 +7,13 @@ Adam update. The data is random and already on the device, so this measures the 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from toolkit.bench.timing import time_steps
 from toolkit.models.unet import UNet, UNetConfig, count_parameters
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,6 @@ def forward_flops(model: torch.nn.Module, in_channels: int, size: int, device: t
     finally:
         model.train(was_training)
     return counter.get_total_flops()
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued kernels, so wall-clock time covers the work (CUDA launches are asynchronous)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_unet(config: UNetConfig, *, device: str = "cpu", batch: int = 8, size: int = 256, steps: int = 10,
@@ -80,14 +74,7 @@ def bench_unet(config: UNetConfig, *, device: str = "cpu", batch: int = 8, size:
         loss.backward()
         optimizer.step()
 
-    for _ in range(warmup):
-        train_step()
-    _sync(dev)
-    begin = time.perf_counter()
-    for _ in range(steps):
-        train_step()
-    _sync(dev)
-    elapsed = time.perf_counter() - begin
+    elapsed = time_steps(train_step, dev, steps=steps, warmup=warmup)
 
     img_per_s = batch * steps / elapsed
     gflop = flops / 1e9
