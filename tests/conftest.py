@@ -1,8 +1,12 @@
 """Shared fixtures: a small phantom cohort and its prepared store, built once per test session."""
 
+import os
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from toolkit.data.phantom import write_cohort
 from toolkit.data.prepare import PrepareConfig, prepare
@@ -22,3 +26,33 @@ def store_64(cohort, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stores") / "real64"
     prepare(PrepareConfig(src=cohort, out=out, size=64, shard_size=128, workers=2))
     return out
+
+
+def _latest_task_state(run_dir: Path) -> dict:
+    folder = Path(run_dir) / "checkpoints"
+    return torch.load(folder / (folder / "latest").read_text().strip(), weights_only=True)["task"]
+
+
+def _launch_ddp(cmd: list[str], ranks: int = 2) -> None:
+    """Run ``cmd`` as ``ranks`` real processes of one gloo group on localhost (torchrun's variables), to completion."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(cmd, env={**os.environ, "RANK": str(r), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(r),
+                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+
+
+@pytest.fixture
+def latest_task_state():
+    """``latest_task_state(run_dir)``: the task state of a run's newest checkpoint."""
+    return _latest_task_state
+
+
+@pytest.fixture
+def launch_ddp():
+    """``launch_ddp(cmd)``: run a command as 2 DDP ranks and wait for both."""
+    return _launch_ddp

@@ -43,11 +43,6 @@ def train(config, run_dir):
     return [*CLI, "train", "pgan", "-c", str(config), "--run-dir", str(run_dir)]
 
 
-def latest_state(run_dir):
-    folder = run_dir / "checkpoints"
-    return torch.load(folder / (folder / "latest").read_text().strip(), weights_only=True)["task"]
-
-
 @pytest.fixture(scope="module")
 def pgan_run(store_64, tmp_path_factory):
     root = tmp_path_factory.mktemp("pgan")
@@ -84,7 +79,7 @@ def test_a_snapshot_and_sample_grid_per_tick(pgan_run):
     assert lods[0] == 2.0 and lods[-1] == 1.0 and any(1 < lod < 2 for lod in lods)  # stable, fade, stable
 
 
-def test_killed_mid_fade_resumes_bit_identically(pgan_run, tmp_path):
+def test_killed_mid_fade_resumes_bit_identically(pgan_run, tmp_path, latest_task_state):
     config, reference = pgan_run
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(train(config, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -102,7 +97,7 @@ def test_killed_mid_fade_resumes_bit_identically(pgan_run, tmp_path):
     assert 1 < state["task"]["prev_lod"] < 2, "the kill must land mid-fade"
     resumed = subprocess.run(train(config, run_dir), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    mine, theirs = latest_state(run_dir), latest_state(reference)
+    mine, theirs = latest_task_state(run_dir), latest_task_state(reference)
     for net in ("G", "D", "G_ema"):
         for key in theirs[net]:
             assert torch.equal(mine[net][key], theirs[net][key]), (net, key)
@@ -166,22 +161,7 @@ def test_generate_masks_into_a_synthetic_store(pgan_run, tmp_path):
     assert missing.returncode != 0 and "best" in missing.stderr
 
 
-def _ddp(cmd, tmp_path):
-    import os
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen(cmd, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
-                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err
-
-
-def test_two_ranks_split_each_minibatch_and_average_gradients(store_64, tmp_path):
+def test_two_ranks_split_each_minibatch_and_average_gradients(store_64, tmp_path, launch_ddp):
     """With mbstd groups of 1 (the only part the official multi-GPU code leaves per GPU), 2 ranks × 4 must match
     1 process × 8 after the first iteration (4 D and 4 G Adam steps)."""
     config = yaml.safe_load(write_config(tmp_path / "base.yaml", store_64).read_text())
@@ -192,7 +172,7 @@ def test_two_ranks_split_each_minibatch_and_average_gradients(store_64, tmp_path
     path.write_text(yaml.safe_dump(config))
     single = subprocess.run(train(path, tmp_path / "single"), capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
-    _ddp([*train(path, tmp_path / "ddp"), "--dist", "ddp"], tmp_path)
+    launch_ddp([*train(path, tmp_path / "ddp"), "--dist", "ddp"])
     first = "checkpoints/ckpt-000000001.pt"
     a, b = (torch.load(tmp_path / d / first, weights_only=True)["task"] for d in ("single", "ddp"))
     worst = max(float((a[net][k] - b[net][k]).abs().max()) for net in ("G", "D") for k in a[net])

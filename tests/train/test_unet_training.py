@@ -5,9 +5,7 @@ groups and files are the real ones.
 """
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,12 +33,6 @@ def write_config(path, store, real_n=160, **loop):
 
 def train_cmd(config, run_dir, *extra):
     return [sys.executable, "-m", "toolkit.cli", "train", "unet", "-c", str(config), "--run-dir", str(run_dir), *extra]
-
-
-def final_state(run_dir):
-    ckpt = torch.load(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip(),
-                      weights_only=True)
-    return ckpt["task"]
 
 
 def assert_identical(a, b):
@@ -78,7 +70,7 @@ def _interrupt(cmd, run_dir, sig):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGUSR2], ids=["sigkill", "sigusr2"])
-def test_interrupted_run_resumes_bit_identically(baseline, tmp_path, sig):
+def test_interrupted_run_resumes_bit_identically(baseline, tmp_path, sig, latest_task_state):
     config, reference = baseline
     run_dir = tmp_path / "run"
     code = _interrupt(train_cmd(config, run_dir), run_dir, sig)
@@ -90,7 +82,7 @@ def test_interrupted_run_resumes_bit_identically(baseline, tmp_path, sig):
     resumed = subprocess.run(train_cmd(config, run_dir), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
-    assert_identical(final_state(run_dir), final_state(reference))
+    assert_identical(latest_task_state(run_dir), latest_task_state(reference))
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     reference_steps = [json.loads(line)["step"] for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert steps == reference_steps  # replayed steps were not logged twice
@@ -117,24 +109,9 @@ def test_evaluate_reports_table1_number_regions_and_a_figure(baseline):
     assert (run_dir / "figures" / "eval-test.png").stat().st_size > 0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_run(config, run_dir, *overrides):
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen(train_cmd(config, run_dir, "--dist", "ddp", *overrides), env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err
-    return final_state(run_dir)
+def _ddp_run(launch_ddp, latest_task_state, config, run_dir, *overrides):
+    launch_ddp(train_cmd(config, run_dir, "--dist", "ddp", *overrides))
+    return latest_task_state(run_dir)
 
 
 def _bias_before_batchnorm(key, state):
@@ -147,14 +124,14 @@ def _bias_before_batchnorm(key, state):
     return key.endswith("up.conv.bias")
 
 
-def test_ddp_two_ranks_of_four_equal_one_process_of_eight(store_64, tmp_path):
+def test_ddp_two_ranks_of_four_equal_one_process_of_eight(store_64, tmp_path, launch_ddp, latest_task_state):
     """Two optimiser steps: Adam's first updates are nearly lr·sign(g), so float rounding differences between any two
     summation orders grow chaotically over many steps (measured: 3e-4 relative after 2 steps, 0.18 after 20); two steps
     keep the comparison well-conditioned while per-rank BatchNorm still changes the update almost entirely (0.89)."""
     config = write_config(tmp_path / "unet.yaml", store_64, real_n=16, epochs=1, checkpoint_every_steps=0)
     single = subprocess.run(train_cmd(config, tmp_path / "single"), capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
-    reference = final_state(tmp_path / "single")["model"]
+    reference = latest_task_state(tmp_path / "single")["model"]
     initial = _initial_state(config)
     keys = [k for k in reference if reference[k].is_floating_point() and not _bias_before_batchnorm(k, reference)]
 
@@ -163,10 +140,11 @@ def test_ddp_two_ranks_of_four_equal_one_process_of_eight(store_64, tmp_path):
         update = sum(float(((reference[k] - initial[k]) ** 2).sum()) for k in keys)
         return (diff / update) ** 0.5, max(float((state[k] - reference[k]).abs().max()) for k in keys)
 
-    synced, worst = update_difference(_ddp_run(config, tmp_path / "ddp")["model"])
+    synced, worst = update_difference(_ddp_run(launch_ddp, latest_task_state, config, tmp_path / "ddp")["model"])
     assert synced < 1e-2 and worst < 2e-4, (synced, worst)
     # the comparison can fail: per-rank BatchNorm statistics over 4 instead of 8 slices give other weights
-    plain = _ddp_run(config, tmp_path / "ddp-plain-bn", "--set", "runtime.sync_bn=false")
+    plain = _ddp_run(launch_ddp, latest_task_state, config, tmp_path / "ddp-plain-bn", "--set",
+                     "runtime.sync_bn=false")
     unsynced, _ = update_difference(plain["model"])
     assert unsynced > 0.1, unsynced
 
