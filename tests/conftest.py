@@ -1,8 +1,8 @@
 """Shared fixtures: a small phantom cohort and its prepared store, built once per test session."""
 
-import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +10,7 @@ import torch
 
 from toolkit.data.phantom import write_cohort
 from toolkit.data.prepare import PrepareConfig, prepare
+from toolkit.mpi import clean_environment
 
 
 @pytest.fixture(scope="session")
@@ -33,17 +34,29 @@ def _latest_task_state(run_dir: Path) -> dict:
     return torch.load(folder / (folder / "latest").read_text().strip(), weights_only=True)["task"]
 
 
-def _launch_ddp(cmd: list[str], ranks: int = 2) -> None:
-    """Run ``cmd`` as ``ranks`` real processes of one gloo group on localhost (torchrun's variables), to completion."""
+def _launch_ddp(cmd: list[str], ranks: int = 2, timeout: float = 300) -> None:
+    """Run ``cmd`` as ``ranks`` real processes of one gloo group on localhost (torchrun's variables), to completion.
+
+    A rank that dies leaves the others waiting in collectives, so on a timeout every rank is killed and all their
+    error output is reported.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen(cmd, env={**os.environ, "RANK": str(r), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(r),
+    env = clean_environment()  # an MPI singleton of this test process must not leak into the ranks
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(r),
                                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+    errors = [proc.communicate()[1] for proc in procs]
+    failed = [(r, proc.returncode) for r, proc in enumerate(procs) if proc.returncode != 0]
+    assert not failed, f"ranks failed {failed}:\n" + "\n".join(f"--- rank {r}\n{e}" for r, e in enumerate(errors))
 
 
 @pytest.fixture

@@ -110,6 +110,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         model = load(PGANRunConfig, args.config).model if args.config else PGANConfig()
         doc = bench_pgan(model, device=args.device, batch=args.batch, steps=args.steps)
+    elif args.target == "zscore":
+        from toolkit.bench.zscore import bench_zscore
+
+        doc = bench_zscore(masks=args.images, size=args.size)
     elif args.target == "swd":
         from toolkit.bench.swd import bench_swd
 
@@ -194,6 +198,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     manifest = generate_masks(Path(args.run), args.n, Path(args.out), snapshot=args.snapshot, seed=args.seed,
                               shard_size=args.shard_size, batch=args.batch, device=args.device, png=args.png)
     print(f"{args.out}: {manifest.splits['train'].n} synthetic masks from {manifest.provenance.get('snapshot')}")
+    return 0
+
+
+def _cmd_filter(args: argparse.Namespace) -> int:
+    from toolkit.filter.zscore import calibrate, filter_store
+
+    real, synthetic, out = Path(args.real), Path(args.synthetic), Path(args.out)
+    if args.calibrate:
+        doc = calibrate(real, synthetic, out, reduced=args.reduced)
+        text = "suggested threshold {suggested_threshold} (drops {synthetic_dropped_at_suggested} of synthetic masks)"
+    else:
+        doc = filter_store(real, synthetic, out, threshold=args.threshold, reduced=args.reduced)
+        text = "kept {kept}, dropped {dropped} ({dropped_percent:.3f} %) at threshold {threshold}; details in {csv}"
+    if doc:  # rank 0 only: the other MPI ranks print nothing
+        _emit(args, doc, lambda d: text.format(**d))
     return 0
 
 
@@ -294,6 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", action=argparse.BooleanOptionalAction, default=False, help="also export PNGs")
     p.set_defaults(fn=_cmd_generate)
 
+    p = sub.add_parser("filter", help="drop corrupt synthetic masks by their Z-score norm (MPI-parallel)")
+    p.add_argument("method", choices=("zscore",))
+    p.add_argument("--real", required=True, help="the real store the PGAN learned")
+    p.add_argument("--synthetic", required=True)
+    p.add_argument("--out", required=True, help="output store (or, with --calibrate, a folder for the curve)")
+    p.add_argument("--threshold", type=float, default=500.0)
+    p.add_argument("--reduced", action="store_true", help="statistics over the reduced training prefix")
+    p.add_argument("--calibrate", action="store_true", help="drop fractions versus threshold and a suggestion")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_filter)
+
     p = sub.add_parser("swd", help="sliced Wasserstein distance between two image sets (.npy or stores)")
     p.add_argument("real")
     p.add_argument("fake")
@@ -310,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_demo)
 
     p = sub.add_parser("bench", help="throughput benchmarks")
-    p.add_argument("target", choices=("unet", "pgan", "swd", "ingest", "loader"))
-    p.add_argument("--images", type=int, default=1024, help="images per set (swd)")
+    p.add_argument("target", choices=("unet", "pgan", "swd", "zscore", "ingest", "loader"))
+    p.add_argument("--images", type=int, default=1024, help="images per set (swd) or masks to filter (zscore)")
     p.add_argument("-c", "--config", help="run config whose model to benchmark (unet; default: the paper's)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--steps", type=int, default=5, help="timed training steps (unet)")

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from toolkit.atomic import write_bytes
 from toolkit.data.phantom import write_cohort
 from toolkit.data.prepare import PrepareConfig, prepare
 from toolkit.data.store import Manifest, Store, summary
+from toolkit.mpi import clean_environment, mpirun_command
 from toolkit.train.generate import generate_masks
 from toolkit.train.pgan_eval import evaluate_snapshots
 from toolkit.train.run import train
@@ -85,13 +84,11 @@ def run_demo(config: DemoConfig) -> Path:
 def _evaluate_swd(run_dir: Path, config: DemoConfig) -> dict[str, Any]:
     """SWD of every PGAN snapshot, on 2 MPI ranks when OpenMPI's mpirun is there (as on a cluster), else in-process."""
     args = ["evaluate", "swd", str(run_dir), "--images", str(config.swd_images), "--json"]
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
+    if shutil.which("mpirun") is None:
         log.warning("demo: mpirun not found; scoring the snapshots in this process")
         return evaluate_snapshots(run_dir, images=config.swd_images)
-    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    done = subprocess.run([mpirun, *root, "--oversubscribe", "-n", "2", sys.executable, "-m", "toolkit.cli", *args],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(mpirun_command(2, *args), env=clean_environment(), capture_output=True, text=True,
+                          check=False)
     if done.returncode:
         raise RuntimeError(f"evaluate swd under mpirun failed:\n{done.stderr}")
     return json.loads(done.stdout)

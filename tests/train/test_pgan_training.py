@@ -19,6 +19,7 @@ import yaml
 
 from toolkit.data.png import read_png
 from toolkit.data.store import Store, verify
+from toolkit.mpi import clean_environment, mpirun_command
 from toolkit.train.pgan import to_labels, to_unit
 
 CLI = [sys.executable, "-m", "toolkit.cli"]
@@ -106,11 +107,11 @@ def test_killed_mid_fade_resumes_bit_identically(pgan_run, tmp_path, latest_task
         assert torch.equal(mine["opt_D"]["state"][k]["exp_avg"], v["exp_avg"])
 
 
-def _mpirun(*args):
+def _mpirun(ranks, *args):
     if shutil.which("mpirun") is None:
         pytest.skip("needs OpenMPI's mpirun (make test installs openmpi-bin as root)")
-    return subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", *args], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(mpirun_command(ranks, *args), env=clean_environment(), capture_output=True, text=True,
+                          timeout=600)
 
 
 @pytest.mark.mpi
@@ -123,7 +124,7 @@ def test_swd_over_two_mpi_ranks_equals_one_rank_and_picks_the_best(pgan_run, tmp
     single = subprocess.run([*CLI, "evaluate", "swd", str(one), "--images", "64", "--json"], capture_output=True,
                             text=True, timeout=600)
     assert single.returncode == 0, single.stderr
-    double = _mpirun("-n", "2", *CLI, "evaluate", "swd", str(two), "--images", "64", "--json")
+    double = _mpirun(2, "evaluate", "swd", str(two), "--images", "64", "--json")
     assert double.returncode == 0, double.stderr
     assert json.loads(double.stdout)["ranks"] == 2 and json.loads(single.stdout)["ranks"] == 1
     rows = [list(csv.DictReader((d / "swd.csv").read_text().splitlines())) for d in (one, two)]

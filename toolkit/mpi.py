@@ -1,0 +1,25 @@
+"""Starting MPI programs from Python: the ``mpirun`` command line and an environment it can start from.
+
+A process that has initialised MPI itself (mpi4py as a singleton) carries OMPI_/PMIX_/PRTE_ variables; a child
+``mpirun`` inheriting them believes it already runs inside a job and exits without a word, so they are removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+
+def mpirun_command(ranks: int, *args: str) -> list[str]:
+    """``mpirun -n RANKS python -m toolkit.cli ARGS`` (root-safe, oversubscribed for small nodes)."""
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        raise FileNotFoundError("mpirun not found: install OpenMPI (make test/demo install openmpi-bin as root)")
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    return [mpirun, *root, "--oversubscribe", "-n", str(ranks), sys.executable, "-m", "toolkit.cli", *args]
+
+
+def clean_environment() -> dict[str, str]:
+    """This process's environment without the variables of an MPI job it may be part of."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PRTE_"))}
