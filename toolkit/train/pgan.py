@@ -84,6 +84,14 @@ def to_unit(labels: torch.Tensor) -> torch.Tensor:
     return labels.float() * (2 / MAX_LABEL) - 1
 
 
+def reals_at(labels: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Masks as the PGAN sees them: labels [N,S,S] → [N,1,R,R] in [−1, 1], box-averaged down from S to R like the
+    official dataset's lower-resolution copies."""
+    reals = to_unit(labels)[:, None]
+    factor = labels.shape[-1] // resolution
+    return F.avg_pool2d(reals, factor) if factor > 1 else reals
+
+
 def to_labels(images: torch.Tensor) -> torch.Tensor:
     """Generator output in [−1, 1] → nearest class in 0…6 (uint8)."""
     return torch.round((images + 1) * (MAX_LABEL / 2)).clamp(0, MAX_LABEL).to(torch.uint8)
@@ -161,10 +169,7 @@ class PGANTask:
         rows = torch.randint(len(self.data), (repeats * minibatch,),
                              generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)).tolist()
         labels = self.data.collate(self.data.__getitems__(rows))["label"]
-        reals = to_unit(labels)[:, None]
-        factor = self.data.image_size // self.cfg.model.resolution
-        if factor > 1:
-            reals = F.avg_pool2d(reals, factor)  # the official dataset's lower-resolution copies are box averages
+        reals = reals_at(labels, self.cfg.model.resolution)
         reals = reals.reshape(repeats, minibatch, *reals.shape[1:])[:, self._share(minibatch)]
         return Iteration(index, nimg, lod, minibatch, reals)
 

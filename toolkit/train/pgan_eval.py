@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from toolkit.atomic import write_bytes
 from toolkit.data.dataset import SliceDataset, Source
@@ -34,7 +33,7 @@ from toolkit.metrics.swd import (
 )
 from toolkit.report.figures import curve
 from toolkit.train.generate import generate_labels, load_generator
-from toolkit.train.pgan import to_labels, to_unit
+from toolkit.train.pgan import reals_at, to_labels
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +44,7 @@ def real_masks(store: Path, n: int, resolution: int) -> np.ndarray:
     n = min(n, len(data))
     labels = torch.cat([data.collate(data.__getitems__(list(range(i, min(i + 512, n)))))["label"]
                         for i in range(0, n, 512)])
-    factor = data.image_size // resolution
-    if factor > 1:
-        labels = to_labels(F.avg_pool2d(to_unit(labels)[:, None], factor)[:, 0])
-    return labels.to(torch.uint8).numpy()
+    return to_labels(reals_at(labels, resolution)[:, 0]).numpy()
 
 
 def _read_scores(path: Path) -> dict[str, dict[str, Any]]:

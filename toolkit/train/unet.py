@@ -104,7 +104,8 @@ class UNetTask:
     """Data, model, optimiser and the two per-step computations of U-Net training."""
 
     def __init__(self, cfg: UNetRunConfig, dist: Dist, run_dir: Path) -> None:
-        self.cfg, self.dist, self.run_dir = cfg, dist, Path(run_dir)
+        # run_dir is part of the task signature; the U-Net writes nothing of its own (the loop places best.pt)
+        self.cfg, self.dist = cfg, dist
         if cfg.optim.batch % dist.world_size:
             raise ValueError(f"optim.batch = {cfg.optim.batch} must be divisible by the {dist.world_size} ranks")
         d = cfg.data
