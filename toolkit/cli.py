@@ -110,6 +110,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         model = load(PGANRunConfig, args.config).model if args.config else PGANConfig()
         doc = bench_pgan(model, device=args.device, batch=args.batch, steps=args.steps)
+    elif args.target == "spade":
+        from toolkit.bench.spade import bench_spade
+        from toolkit.config import load
+        from toolkit.models.spade import SPADEConfig
+        from toolkit.train.spade import SPADERunConfig
+
+        model = load(SPADERunConfig, args.config).model if args.config else SPADEConfig()
+        doc = bench_spade(model, device=args.device, batch=args.batch, steps=args.steps, compile=args.compile)
     elif args.target == "zscore":
         from toolkit.bench.zscore import bench_zscore
 
@@ -126,7 +134,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from toolkit.bench.loader import bench_loader
 
         doc = bench_loader(Path(args.store), seconds=args.seconds, batch=args.batch, workers=args.workers or 0)
-    _emit(args, doc, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
+    if doc:  # under mpirun (bench zscore), rank 0 only
+        _emit(args, doc, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
     return 0
 
 
@@ -193,8 +202,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.kind == "images":
+        from toolkit.train.synthesis import generate_images
+
+        if not args.masks:
+            raise ValueError("generate images needs --masks STORE")
+        manifest = generate_images(Path(args.run), Path(args.masks), Path(args.out), batch=args.batch,
+                                   device=args.device, png=args.png)
+        counts = ", ".join(f"{k} {v.n}" for k, v in manifest.splits.items())
+        print(f"{args.out}: synthetic MR for {counts} masks (epoch {manifest.provenance.get('epoch')})")
+        return 0
     from toolkit.train.generate import generate_masks
 
+    if args.n is None:
+        raise ValueError("generate masks needs --n N")
     manifest = generate_masks(Path(args.run), args.n, Path(args.out), snapshot=args.snapshot, seed=args.seed,
                               shard_size=args.shard_size, batch=args.batch, device=args.device, png=args.png)
     print(f"{args.out}: {manifest.splits['train'].n} synthetic masks from {manifest.provenance.get('snapshot')}")
@@ -227,11 +248,62 @@ def _cmd_swd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from toolkit.cluster.sweep import Sweep
+
+    if args.action == "submit":
+        out = Path(args.out or Path("sweeps") / Path(args.target).stem)
+        sweep = Sweep.create(Path(args.target), out, args.cluster, args.profile, tuple(args.set), tuple(args.var))
+        ids = sweep.submit()
+        print(f"{out}: {len(ids)} members {'ran' if args.cluster == 'local' else 'submitted'} "
+              f"({ids[0].split('_')[0] if ids else 'none'})")
+        return 0
+    sweep = Sweep(Path(args.target))
+    if args.action == "resume":
+        ids = sweep.resume()
+        print(f"{args.target}: resubmitted {len(ids)} members")
+        return 0
+    if args.action == "report":
+        doc = sweep.report()
+        _emit(args, doc, lambda d: d["markdown"] + "\nwritten: " + ", ".join(d["paths"]))
+        return 0
+    rows = sweep.status()
+
+    def text(d: dict[str, Any]) -> str:
+        lines = [f"{'member':40s} {'state':12s} {'job':>12s} {'restarts':>8s} {'epoch':>5s} {'best val':>9s}  error"]
+        for r in d["members"]:
+            best = "" if r["best_val"] is None else f"{r['best_val']:.4f}"
+            lines.append(f"{r['name'][:40]:40s} {r['state']:12s} {r['job_id'] or '':>12s} {r['restarts']:8d} "
+                         f"{r['epoch']:5d} {best:>9s}  {r['error'] or ''}")
+        counts = Counter(r["state"] for r in d["members"])
+        return "\n".join([*lines, ", ".join(f"{n} {s}" for s, n in counts.items())])
+
+    _emit(args, {"members": rows}, text)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from toolkit.demo import DemoConfig, run_demo
 
-    report = run_demo(DemoConfig(out=Path(args.out), subjects=args.subjects, workers=args.workers))
+    report = run_demo(DemoConfig(out=Path(args.out), subjects=args.subjects, workers=args.workers,
+                                 cluster=args.cluster, profile=args.profile))
     print(report)
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from toolkit.cluster.pipeline import PipelineConfig, run_pipeline
+    from toolkit.config import load
+
+    cfg = load(PipelineConfig, Path(args.config), tuple(args.set))
+    if args.profile:
+        cfg = replace(cfg, profile=args.profile)
+    result = run_pipeline(cfg, args.cluster)
+    _emit(args, result, lambda d: "\n".join(f"{k}: {v}" for k, v in d["jobs"].items()))
     return 0
 
 
@@ -279,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_dice)
 
     p = sub.add_parser("train", help="train a model from a YAML config (resumes an existing run directory)")
-    p.add_argument("model", choices=("unet", "pgan"))
+    p.add_argument("model", choices=("unet", "pgan", "spade"))
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--dry-schedule", action="store_true", help="pgan: print the tick table and exit")
     p.add_argument("--json", action="store_true")
@@ -300,10 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_evaluate)
 
-    p = sub.add_parser("generate", help="generate synthetic masks from a PGAN snapshot into a store")
-    p.add_argument("kind", choices=("masks",))
+    p = sub.add_parser("generate", help="masks: a PGAN snapshot → mask store; images: SPADE × mask store → pairs")
+    p.add_argument("kind", choices=("masks", "images"))
     p.add_argument("run")
-    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--n", type=int, help="masks: how many to generate")
+    p.add_argument("--masks", help="images: the (filtered) mask store to synthesise MR for")
     p.add_argument("--out", required=True)
     p.add_argument("--snapshot", default="best", help="best (after evaluate swd), tick-NNNN, or a .pt path")
     p.add_argument("--seed", type=int, default=0)
@@ -333,19 +406,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_swd)
 
+    p = sub.add_parser("sweep", help="submit a grid of trainings as a job array; status, resume, Table-1 report")
+    p.add_argument("action", choices=("submit", "status", "resume", "report"))
+    p.add_argument("target", help="submit: the sweep YAML; otherwise the sweep directory")
+    p.add_argument("--cluster", choices=("local", "slurm"), default="local")
+    p.add_argument("--profile", default="local", help="slurm/profiles/<name>.yaml or a path")
+    p.add_argument("--out", help="sweep directory (default: sweeps/<sweep file name>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every member")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="a sweep variable (${NAME})")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_sweep)
+
     p = sub.add_parser("demo", help="run the pipeline on the demo cohort and write OUT/report.md")
     p.add_argument("--out", default="demo-out")
     p.add_argument("--subjects", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cluster", choices=("local", "slurm"), default="local")
+    p.add_argument("--profile", default="local", help="slurm: slurm/profiles/<name>.yaml or a path")
     p.set_defaults(fn=_cmd_demo)
 
+    p = sub.add_parser("pipeline", help="the whole data flow as dependent jobs (local: run here; slurm: queue)")
+    p.add_argument("action", choices=("run",))
+    p.add_argument("config", help="configs/pipeline/*.yaml")
+    p.add_argument("--cluster", choices=("local", "slurm"), default="local")
+    p.add_argument("--profile", help="override the config's profile")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_pipeline)
+
     p = sub.add_parser("bench", help="throughput benchmarks")
-    p.add_argument("target", choices=("unet", "pgan", "swd", "zscore", "ingest", "loader"))
+    p.add_argument("target", choices=("unet", "pgan", "spade", "swd", "zscore", "ingest", "loader"))
     p.add_argument("--images", type=int, default=1024, help="images per set (swd) or masks to filter (zscore)")
-    p.add_argument("-c", "--config", help="run config whose model to benchmark (unet; default: the paper's)")
+    p.add_argument("-c", "--config", help="run config whose model to benchmark (unet, pgan, spade; default: the "
+                   "paper's)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--steps", type=int, default=5, help="timed training steps (unet)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (unet)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (unet, spade)")
     p.add_argument("--store", help="store to read (loader)")
     p.add_argument("--subjects", type=int, default=4, help="phantom subjects to ingest (ingest)")
     p.add_argument("--size", type=int, default=256)
@@ -372,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("bench loader needs --store")
     try:
         return args.fn(args)
-    except (PrepareError, StoreError, NiftiError, LabelIOError, ValueError, FileNotFoundError) as err:
+    except (PrepareError, StoreError, NiftiError, LabelIOError, ValueError, FileNotFoundError, FileExistsError,
+            TimeoutError) as err:
         print(f"tumorsynth: error: {err}", file=sys.stderr)
         return 2
 

@@ -11,13 +11,18 @@ import shutil
 import sys
 
 
-def mpirun_command(ranks: int, *args: str) -> list[str]:
-    """``mpirun -n RANKS python -m toolkit.cli ARGS`` (root-safe, oversubscribed for small nodes)."""
+def mpirun_prefix(ranks: int) -> list[str]:
+    """``mpirun -n RANKS`` (root-safe, oversubscribed for small nodes), to put before a program and its arguments."""
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise FileNotFoundError("mpirun not found: install OpenMPI (make test/demo install openmpi-bin as root)")
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    return [mpirun, *root, "--oversubscribe", "-n", str(ranks), sys.executable, "-m", "toolkit.cli", *args]
+    return [mpirun, *root, "--oversubscribe", "-n", str(ranks)]
+
+
+def mpirun_command(ranks: int, *args: str) -> list[str]:
+    """``mpirun -n RANKS python -m toolkit.cli ARGS``."""
+    return [*mpirun_prefix(ranks), sys.executable, "-m", "toolkit.cli", *args]
 
 
 def clean_environment() -> dict[str, str]:

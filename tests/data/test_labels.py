@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from toolkit.data.labels import compose_mask, to_view, view_table
+from toolkit.data.labels import compose_mask, reduce_labels, to_view, view_table
 
 
 def test_compose_maps_brats_and_fast_labels_with_tumour_overriding_tissue():
@@ -28,3 +28,15 @@ def test_views_of_seven_class_labels():
 def test_four_class_store_has_no_seven_class_view():
     with pytest.raises(ValueError, match="no 7-class view"):
         view_table(4, 7)
+
+
+def test_reduce_labels_box_averages_then_rounds_half_to_even():
+    labels = np.zeros((1, 4, 4), np.uint8)
+    labels[0, :2, :2] = [[1, 2], [3, 4]]  # mean 2.5 → 2 (half to even)
+    labels[0, :2, 2:] = [[3, 4], [4, 5]]  # mean 4.0 → 4
+    labels[0, 2:, :2] = [[6, 6], [6, 5]]  # mean 5.75 → 6
+    labels[0, 2:, 2:] = [[0, 0], [1, 2]]  # mean 0.75 → 1
+    assert reduce_labels(labels, 2).tolist() == [[[2, 4], [6, 1]]]
+    assert reduce_labels(labels, 4) is labels
+    with pytest.raises(ValueError, match="must divide"):
+        reduce_labels(labels, 3)

@@ -10,6 +10,7 @@ import pytest
 from mpi4py import MPI
 
 from toolkit.bench.zscore import phantom_masks
+from toolkit.data.labels import reduce_labels
 from toolkit.data.store import Store, StoreWriter, verify
 from toolkit.filter.zscore import Moments, calibrate, filter_store, norms, real_moments
 from toolkit.mpi import clean_environment, mpirun_command
@@ -29,7 +30,8 @@ def _store(root, splits, *, kind, image=False, shard=40):
                          slice_index=np.arange(lo, lo + len(rows)),
                          image=(rows.astype(np.uint16) * 100 + 7) if image else None)
             counts[split] = i + 1
-    writer.finish(kind=kind, image_size=SIZE, has_image=image, shard_counts=counts)
+    size = next(iter(splits.values())).shape[-1]
+    writer.finish(kind=kind, image_size=size, has_image=image, shard_counts=counts)
     return root
 
 
@@ -176,3 +178,25 @@ def test_calibration_curves_are_monotonic_and_the_suggestion_follows_the_rule(st
     grid = np.array([0.0, result["suggested_threshold"], 1e9])
     assert calibrate(stores["real"], stores["synthetic"], tmp_path, thresholds=grid,
                      comm=MPI.COMM_SELF)["suggested_threshold"] == result["suggested_threshold"]
+
+
+def test_real_masks_are_reduced_to_the_size_of_smaller_synthetic_masks(stores, tmp_path):
+    """A PGAN trained at half the store's size: statistics come from the real masks reduced to that size, and a
+    shard whose every mask is dropped leaves no shard behind."""
+    half = {"train": reduce_labels(stores["synth"]["train"], SIZE // 2)}
+    half["train"][:40, 0, 0] = 6  # the whole first shard differs from μ at a σ = 0 corner: dropped
+    synthetic = _store(tmp_path / "half", half, kind="synthetic")
+    result = filter_store(stores["real"], synthetic, tmp_path / "kept", threshold=1e9, comm=MPI.COMM_SELF)
+    train = stores["train"][stores["train"].reshape(len(stores["train"]), -1).any(1)]
+    reduced = reduce_labels(train, SIZE // 2).astype(np.float64)
+    moments = real_moments(stores["real"], reduced=False, size=SIZE // 2, comm=MPI.COMM_SELF)
+    np.testing.assert_allclose(moments.mean, reduced.mean(0), rtol=1e-12)
+    expected = norms(half["train"], moments) <= 1e9
+    assert not expected[:40].any() and result["kept"] == int(expected.sum())
+    kept = Store(tmp_path / "kept")
+    assert len(kept.manifest.splits["train"].shards) == 2 and verify(kept) == []
+    np.testing.assert_array_equal(kept.read("train")["label"], half["train"][expected])
+    larger = _store(tmp_path / "large", {"train": np.zeros((2, 32, 32), np.uint8)}, kind="synthetic")
+    with pytest.raises(ValueError, match="larger than the real masks"):
+        filter_store(stores["real"], larger, tmp_path / "never", comm=MPI.COMM_SELF)
+    assert not (tmp_path / "never").exists()

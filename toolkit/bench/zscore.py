@@ -3,12 +3,13 @@
 Masks are cheap, deterministic stand-ins for PGAN output: an elliptical "brain" whose tissue classes 1–3 come from
 quantised, blocky (nearest-upsampled 8×8) noise, with a tumour of nested discs (classes 4–6) at a random place. The
 real store is drawn from the same generator with another seed, so a realistic share of masks passes the threshold
-and the filter's copying of kept rows is part of what is timed. Scaling over ranks is measured by running the
-filter itself under ``mpirun``.
+and the filter's writing of kept rows is part of what is timed. Scaling over ranks: run the benchmark under
+``mpirun -np R``.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -52,14 +53,29 @@ def _mask_store(root: Path, n: int, size: int, seed: int, kind: str) -> Path:
 
 
 def bench_zscore(masks: int = 100_000, size: int = 256, seed: int = 0) -> dict[str, Any]:
-    """Time :func:`filter_store` on ``masks`` generated masks at ``size``² against 2,048 real ones (one rank)."""
+    """Time :func:`filter_store` on ``masks`` generated masks at ``size``² against 2,048 real ones, on every rank of
+    ``MPI.COMM_WORLD`` (run under ``mpirun -np R`` for R ranks); rank 0 returns the result, other ranks ``{}``.
+
+    The stores are made by rank 0 beforehand, in a temporary folder beside the current one (all ranks must see it)."""
     from mpi4py import MPI
 
-    with tempfile.TemporaryDirectory(prefix="bench-zscore-") as tmp:
-        real = _mask_store(Path(tmp) / "real", 2048, size, seed + 1, "real")
-        synthetic = _mask_store(Path(tmp) / "synthetic", masks, size, seed, "synthetic")
+    comm = MPI.COMM_WORLD
+    tmp = tempfile.mkdtemp(prefix=".bench-zscore-", dir=".") if comm.Get_rank() == 0 else None
+    root = Path(comm.bcast(tmp, root=0))
+    try:
+        if comm.Get_rank() == 0:
+            _mask_store(root / "real", 2048, size, seed + 1, "real")
+            _mask_store(root / "synthetic", masks, size, seed, "synthetic")
+        comm.Barrier()
         begin = time.perf_counter()
-        result = filter_store(real, synthetic, Path(tmp) / "kept", comm=MPI.COMM_SELF)
+        result = filter_store(root / "real", root / "synthetic", root / "kept", comm=comm)
+        comm.Barrier()
         seconds = time.perf_counter() - begin
-    return {"bench": "zscore", "masks": masks, "size": size, "seconds": seconds, "masks_per_s": masks / seconds,
-            "kept": result["kept"], "dropped_percent": result["dropped_percent"]}
+    finally:
+        comm.Barrier()
+        if comm.Get_rank() == 0:
+            shutil.rmtree(root, ignore_errors=True)
+    if comm.Get_rank():
+        return {}
+    return {"bench": "zscore", "masks": masks, "size": size, "ranks": comm.Get_size(), "seconds": seconds,
+            "masks_per_s": masks / seconds, "kept": result["kept"], "dropped_percent": result["dropped_percent"]}

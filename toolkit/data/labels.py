@@ -60,3 +60,17 @@ def view_table(stored_classes: int, classes: int) -> np.ndarray:
 def to_view(labels: np.ndarray, stored_classes: int, classes: int) -> np.ndarray:
     """Map stored labels to the ``classes``-class view (7, 4 or 2)."""
     return view_table(stored_classes, classes)[labels]
+
+
+def reduce_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    """Label maps [n, S, S] → [n, size, size] as a mask GAN trained at ``size`` sees them and generates them: label
+    values box-averaged over (S/size)² blocks, then rounded (half to even) to the nearest class, as generation rounds.
+    """
+    n, full = labels.shape[0], labels.shape[-1]
+    if size == full:
+        return labels
+    if size > full or full % size:
+        raise ValueError(f"cannot reduce {full}² masks to {size}²: the size must divide {full}")
+    factor = full // size
+    blocks = labels.reshape(n, size, factor, size, factor).mean(axis=(2, 4), dtype=np.float32)
+    return np.round(blocks).astype(labels.dtype)

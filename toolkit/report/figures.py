@@ -1,4 +1,5 @@
-"""Figures: rows of input / prediction / ground truth, as in the paper's segmentation figures (Figs 8–10)."""
+"""Figures: row grids (input / prediction / truth as the paper's Figs 8–10; mask / synthetic / real MR as Fig. 7),
+sample grids of generated masks, and curves."""
 
 from __future__ import annotations
 
@@ -13,31 +14,37 @@ import numpy as np
 from toolkit.atomic import atomic_path
 
 
-def segmentation_grid(images: np.ndarray, predictions: np.ndarray, truths: np.ndarray, classes: int,
-                      path: Path, titles: list[str] | None = None) -> Path:
-    """Save a 3-row grid (input, prediction, truth) with one column per slice; returns ``path``."""
-    columns = len(images)
-    fig, axes = plt.subplots(3, columns, figsize=(2.2 * columns, 6.6), squeeze=False)
-    for col in range(columns):
-        for row, (data, kwargs) in enumerate((
-            (images[col], {"cmap": "gray"}),
-            (predictions[col], {"cmap": "tab10", "vmin": 0, "vmax": 9, "interpolation": "nearest"}),
-            (truths[col], {"cmap": "tab10", "vmin": 0, "vmax": 9, "interpolation": "nearest"}),
-        )):
-            ax = axes[row, col]
-            ax.imshow(data, **kwargs)
+def row_grid(rows: list[tuple[str, np.ndarray, bool]], path: Path, title: str = "",
+             column_titles: list[str] | None = None) -> Path:
+    """Save a grid with one row per ``(name, images, is_label)`` and one column per slice; returns ``path``.
+
+    Label rows are coloured by class, image rows grey (each image scaled to its own range).
+    """
+    columns = len(rows[0][1])
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.2 * len(rows)), squeeze=False)
+    for r, (name, data, is_label) in enumerate(rows):
+        kwargs = {"cmap": "tab10", "vmin": 0, "vmax": 9, "interpolation": "nearest"} if is_label else {"cmap": "gray"}
+        for col in range(columns):
+            ax = axes[r, col]
+            ax.imshow(data[col], **kwargs)
             ax.set_xticks([])
             ax.set_yticks([])
-            if col == 0:
-                ax.set_ylabel(("input", "prediction", "truth")[row])
-        if titles:
-            axes[0, col].set_title(titles[col], fontsize=7)
-    fig.suptitle(f"{classes}-class segmentation")
+        axes[r, 0].set_ylabel(name)
+    for col, text in enumerate(column_titles or []):
+        axes[0, col].set_title(text, fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
     return path
+
+
+def segmentation_grid(images: np.ndarray, predictions: np.ndarray, truths: np.ndarray, classes: int,
+                      path: Path, titles: list[str] | None = None) -> Path:
+    """Save a 3-row grid (input, prediction, truth) with one column per slice; returns ``path``."""
+    return row_grid([("input", images, False), ("prediction", predictions, True), ("truth", truths, True)], path,
+                    f"{classes}-class segmentation", titles)
 
 
 def sample_grid(labels: np.ndarray, path: Path, title: str = "", columns: int = 8) -> Path:

@@ -20,6 +20,7 @@ from toolkit.data.prepare import export_png
 from toolkit.data.store import MANIFEST, Manifest, Store, StoreWriter, shard_name
 from toolkit.models.pgan import Generator, PGANConfig
 from toolkit.train.pgan import to_labels
+from toolkit.train.sampling import epoch_seed
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def generate_masks(run_dir: Path, n: int, out: Path, *, snapshot: str = "best", 
         rows = min(shard_size, n - k * shard_size)
         if writer.done("train", k):
             continue
-        z = torch.randn(rows, latent, generator=torch.Generator().manual_seed(seed * 1_000_003 + k))
+        z = torch.randn(rows, latent, generator=torch.Generator().manual_seed(epoch_seed(seed, k)))
         labels = generate_labels(generator, float(meta["lod"]), z, batch)
         first = k * shard_size
         writer.write("train", k, label=labels, subject=[f"{path.stem}-{first + i:07d}" for i in range(rows)],

@@ -38,6 +38,7 @@ from toolkit.report.figures import sample_grid
 from toolkit.train.distributed import Dist
 from toolkit.train.loop import LoopConfig
 from toolkit.train.pgan_schedule import ScheduleConfig, Tick, optimizer_reset, ticks
+from toolkit.train.sampling import epoch_seed
 from toolkit.train.unet import RuntimeConfig
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ class PGANTask:
     def _iteration(self, index: int, nimg: int, lod: float, minibatch: int) -> Iteration:
         repeats = self.cfg.schedule.minibatch_repeats
         rows = torch.randint(len(self.data), (repeats * minibatch,),
-                             generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)).tolist()
+                             generator=torch.Generator().manual_seed(epoch_seed(self.cfg.seed, index))).tolist()
         labels = self.data.collate(self.data.__getitems__(rows))["label"]
         reals = reals_at(labels, self.cfg.model.resolution)
         reals = reals.reshape(repeats, minibatch, *reals.shape[1:])[:, self._share(minibatch)]

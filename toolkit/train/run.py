@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 TRAINERS = {
     "unet": ("toolkit.train.unet", "UNetRunConfig", "UNetTask"),
     "pgan": ("toolkit.train.pgan", "PGANRunConfig", "PGANTask"),
+    "spade": ("toolkit.train.spade", "SPADERunConfig", "SPADETask"),
 }
 
 

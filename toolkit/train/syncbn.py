@@ -3,7 +3,8 @@
 Batch statistics are computed over the global batch: each rank's per-channel sum, sum of squares and count are summed
 with a differentiable all-reduce, so gradients flow through the global mean and variance exactly as a single process
 with the whole batch would compute them. Statistics are accumulated in float64 to keep them as close as possible to
-single-process BatchNorm. Parameter and buffer names match ``nn.BatchNorm2d``, so checkpoints are interchangeable.
+single-process BatchNorm. Parameter and buffer names match ``nn.BatchNorm2d``, so checkpoints are interchangeable;
+the parameter-free form (``affine=False``, as SPADE uses) is supported.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.to(x.dtype))
             self.running_var.mul_(1 - self.momentum).add_(self.momentum * (var * n / (n - 1)).to(x.dtype))
         shape = (1, channels, 1, 1)
-        scale = (self.weight.double() / torch.sqrt(var + self.eps)).view(shape)
-        return ((x64 - mean.view(shape)) * scale + self.bias.double().view(shape)).to(x.dtype)
+        scale = 1 / torch.sqrt(var + self.eps)
+        out = (x64 - mean.view(shape)) * (scale if self.weight is None else self.weight.double() * scale).view(shape)
+        return (out if self.bias is None else out + self.bias.double().view(shape)).to(x.dtype)
 
 
 def convert(module: nn.Module) -> nn.Module:

@@ -10,8 +10,8 @@ shuffle each epoch, validate each epoch, keep ``best.pt`` when validation improv
   with a differentiable all-reduce, so 2 ranks × 4 equal 1 process × 8) and class weights
   ``w_c = (1/f_c) / Σ_k (1/f_k)`` from the training pixels' class frequencies ``f`` (absent class: weight 0).
 - Validation loss: the same weighted soft Dice loss over the whole validation split, from accumulated sums.
-- Batch order: a permutation drawn from (seed, epoch); the global batch b is ``perm[bB:(b+1)B]`` (last partial batch
-  dropped), split into equal rank shares. Resuming mid-epoch only needs the batch index.
+- Batch order: :func:`toolkit.train.sampling.rank_batches` (a permutation per (seed, epoch), equal rank shares of each
+  global batch), so resuming mid-epoch only needs the batch index.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from toolkit.metrics.dice import class_weights, dice_from_sums, soft_sums
 from toolkit.models.unet import UNet, UNetConfig
 from toolkit.train.distributed import Dist
 from toolkit.train.loop import LoopConfig
+from toolkit.train.sampling import rank_batches
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +140,8 @@ class UNetTask:
                           collate_fn=SliceDataset.collate)
 
     def batches(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.train_set), generator=generator).tolist()
-        size, share = self.cfg.optim.batch, self.cfg.optim.batch // self.dist.world_size
-        mine = [order[b * size:(b + 1) * size][self.dist.rank * share:(self.dist.rank + 1) * share]
-                for b in range(start, self.batches_per_epoch())]
+        mine = rank_batches(len(self.train_set), self.cfg.optim.batch, seed=self.cfg.seed, epoch=epoch, start=start,
+                            rank=self.dist.rank, world_size=self.dist.world_size)
         return iter(self._loader(self.train_set, mine)) if mine else iter(())
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

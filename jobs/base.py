@@ -1,0 +1,89 @@
+"""What every job shares: resume-from-disk semantics, submitit's checkpoint protocol, and rank set-up.
+
+A job is a frozen dataclass holding only its configuration (paths and overrides); calling it does the step, resuming
+from whatever its output already holds (run directories resume from the newest complete checkpoint, stores skip
+finished shards). ``checkpoint()`` (called by submitit on preemption or timeout) returns a fresh copy of the job: the
+state lives on disk, never in the job object, so a fresh copy is exactly "continue".
+
+Every start is logged in ``<log_dir>/attempts.jsonl`` (time, SLURM job id, host), from which ``sweep status`` counts
+restarts; a failure writes ``<log_dir>/ERROR`` (the traceback) and re-raises, so the scheduler sees the job fail. The
+log folder is the run directory for training and evaluation, and ``.<store>.job/`` beside a store that a job writes
+(a store folder holds only the store).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from toolkit.atomic import write_bytes
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = "attempts.jsonl"
+ERROR = "ERROR"
+
+
+def set_rank_environment() -> None:
+    """Expose submitit's view of the task (local or SLURM executor) as torchrun's variables, for DDP rendezvous.
+
+    Under SLURM ``toolkit.train.distributed`` reads SLURM's variables itself; the local executor has no SLURM
+    variables, so RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT come from submitit's job environment.
+    """
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:
+        return  # not inside a submitit job (called directly): nothing to set
+    if env.num_tasks <= 1 or "SLURM_PROCID" in os.environ:
+        return
+    os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank))
+    os.environ.setdefault("MASTER_ADDR", env.hostnames[0] if env.hostnames else "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(20000 + sum(map(ord, str(env.job_id))) % 20000))
+
+
+def store_log_dir(store: Path) -> Path:
+    """The log folder of a job that writes the store ``store``: ``.<name>.job`` beside it."""
+    store = Path(store)
+    return store.parent / f".{store.name}.job"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """Base class: subclasses name their :meth:`log_dir` and implement :meth:`run`."""
+
+    def log_dir(self) -> Path:
+        raise NotImplementedError
+
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def __call__(self) -> Any:
+        out = self.log_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ATTEMPTS, "a") as handle:
+            handle.write(json.dumps({"time": time.time(), "job_id": os.environ.get("SLURM_JOB_ID"),
+                                     "array_task": os.environ.get("SLURM_ARRAY_TASK_ID"),
+                                     "host": socket.gethostname(), "rank": os.environ.get("SLURM_PROCID", "0")})
+                         + "\n")
+        set_rank_environment()
+        try:
+            result = self.run()
+        except Exception:
+            write_bytes(out / ERROR, traceback.format_exc().encode())
+            raise
+        (out / ERROR).unlink(missing_ok=True)
+        return result
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """submitit's preemption hook: the state is on disk, so requeue a fresh copy of this job."""
+        log.warning("%s: checkpoint requested; requeueing a fresh copy", type(self).__name__)
+        return submitit.helpers.DelayedSubmission(dataclasses.replace(self))

@@ -1,0 +1,92 @@
+"""Sweep files and Table 1 without a cluster: the grid's product, variables, early config errors, the local executor
+running members, status from run directories, the report (bold best per column, mean ± sd, missing cells)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from toolkit.cluster.sweep import Sweep, load_spec, members
+from toolkit.config import ConfigError
+from toolkit.report.tables import table1
+
+CLI = [sys.executable, "-m", "toolkit.cli"]
+
+
+def test_the_paper_sweep_has_21_members_with_the_papers_mixes():
+    spec = load_spec("configs/sweeps/table1.yaml", variables=("real=/data/real",))
+    rows = members(spec)
+    assert len(rows) == 21 and len({r["name"] for r in rows}) == 21
+    mixes = {(r["labels"]["mix"], r["labels"]["classes"]) for r in rows}
+    assert ("26040 real + 8960 synthetic", "4") in mixes and ("5208 real + 20832 synthetic", "2") in mixes
+    reduced = next(r for r in rows if r["labels"]["mix"] == "5208 real + 4792 synthetic")["overrides"]
+    assert "data.real=/data/real" in reduced and "data.synthetic=stores/synthetic-reduced" in reduced
+    assert "data.real_n=5208" in reduced and "data.synthetic_n=4792" in reduced
+
+
+def _write_sweep(path, base, **extra):
+    doc = {"name": "t", "model": "unet", "base": str(base), "evaluate": "test",
+           "grid": {"classes": {"data.classes": [7, 2]}, "mix": {"a": {"data.real_n": 16}, "b": {"data.real_n": 8}}},
+           "report": {"columns": "classes", "rows": "mix"}, **extra}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture
+def base(tmp_path, store_64):
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump({
+        "data": {"real": str(store_64), "classes": 7}, "model": {"widths": [4, 8, 16, 32], "bridge": 32},
+        "optim": {"batch": 8}, "loop": {"epochs": 1, "checkpoint_every_minutes": 0.0, "log_every_steps": 1},
+        "runtime": {"threads": 1}}))
+    return path
+
+
+def test_repeats_seeds_and_a_typo_fail_before_submission(tmp_path, base):
+    spec = load_spec(_write_sweep(tmp_path / "s.yaml", base, repeats=2))
+    rows = members(spec)
+    assert len(rows) == 8 and sorted({r["seed"] for r in rows}) == [0, 1]
+    with pytest.raises(ConfigError, match=r"optim\.bacth"):
+        load_spec(_write_sweep(tmp_path / "bad.yaml", base, set={"optim.bacth": 4}))
+    with pytest.raises(ConfigError, match="unknown variable"):
+        load_spec(_write_sweep(tmp_path / "var.yaml", base, set={"data.real": "${nowhere}"}))
+
+
+def test_local_sweep_runs_reports_and_resumes(tmp_path, base):
+    spec = _write_sweep(tmp_path / "s.yaml", base)
+    out = tmp_path / "sweep"
+    done = subprocess.run([*CLI, "sweep", "submit", str(spec), "--cluster", "local", "--out", str(out),
+                           "--set", "loop.checkpoint_every_steps=1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(subprocess.run([*CLI, "sweep", "status", str(out), "--json"], capture_output=True, text=True,
+                                       timeout=120).stdout)["members"]
+    assert [r["state"] for r in status] == ["done"] * 4 and all(r["epoch"] == 1 for r in status)
+    report = subprocess.run([*CLI, "sweep", "report", str(out), "--json"], capture_output=True, text=True, timeout=120)
+    cells = json.loads(report.stdout)["cells"]
+    values = {(row, col): json.loads((out / "runs" / m["name"] / "eval-test.json").read_text())["dice_error_percent"]
+              for m in json.loads((out / "sweep.json").read_text())["members"]
+              for row, col in [(m["labels"]["mix"], m["labels"]["classes"])]}
+    assert {(r, c): cell["mean"] for r, cols in cells.items() for c, cell in cols.items()} == values
+    assert (out / "table1.md").exists() and (out / "table1.png").stat().st_size > 0
+    # a member that lost its run directory is resubmitted by resume, and only it
+    first = json.loads((out / "sweep.json").read_text())["members"]
+    shutil.rmtree(out / "runs" / first[1]["name"])
+    assert Sweep(out).status()[1]["state"] == "not started"
+    assert len(Sweep(out).resume()) == 1
+    after = json.loads((out / "sweep.json").read_text())["members"]
+    assert [len(m["jobs"]) for m in after] == [1, 2, 1, 1]
+    assert [r["state"] for r in Sweep(out).status()] == ["done"] * 4
+
+
+def test_table1_bolds_the_best_of_each_column_and_shows_spread_and_gaps(tmp_path):
+    results = [{"mix": "real", "classes": "7", "value": 30.0}, {"mix": "real", "classes": "7", "value": 34.0},
+               {"mix": "mixed", "classes": "7", "value": 20.0}, {"mix": "real", "classes": "2", "value": 10.0}]
+    doc = table1(results, rows="mix", columns="classes", row_order=["real", "mixed"], column_order=["7", "2"],
+                 out=tmp_path / "t", title="demo")
+    lines = doc["markdown"].splitlines()
+    assert "| real | 32.00 ± 2.83 | **10.00** |" in lines
+    assert "| mixed | **20.00** | – |" in lines
+    assert (tmp_path / "t.csv").read_text().splitlines()[1] == "real,7,32.0,2.8284271247461903,2"

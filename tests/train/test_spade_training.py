@@ -1,0 +1,161 @@
+"""SPADE for real: training writes a generator and sample grids, a killed run resumes bit-identically, 2 DDP ranks
+equal one process, and synthesis turns a mask store into a paired store the U-Net dataset can mix with real data.
+
+Runs are real `tumorsynth` subprocesses on the 64² phantom store with narrow networks and the reduced training prefix.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from toolkit.data.dataset import SliceDataset, Source
+from toolkit.data.png import read_png
+from toolkit.data.store import Store, StoreWriter, verify
+
+CLI = [sys.executable, "-m", "toolkit.cli"]
+
+
+def write_config(path, store, **loop):
+    config = {
+        "data": {"store": str(store), "reduced": True},
+        "model": {"resolution": 64, "ngf": 4, "ndf": 8, "hidden": 8},
+        "optim": {"batch": 4},
+        "loop": {"epochs": 2, "checkpoint_every_steps": 4, "checkpoint_every_minutes": 0.0, "log_every_steps": 2,
+                 **loop},
+        "runtime": {"threads": 1},
+        "samples": 4,
+        "seed": 2,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train(config, run_dir, *extra):
+    return [*CLI, "train", "spade", "-c", str(config), "--run-dir", str(run_dir), *extra]
+
+
+@pytest.fixture(scope="module")
+def spade_run(store_64, tmp_path_factory):
+    root = tmp_path_factory.mktemp("spade")
+    config = write_config(root / "spade.yaml", store_64)
+    done = subprocess.run(train(config, root / "run"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return config, root / "run"
+
+
+def test_training_writes_generator_samples_and_metrics(spade_run, store_64):
+    _, run_dir = spade_run
+    saved = torch.load(run_dir / "generator.pt", weights_only=True)
+    assert saved["intensity_max"] == Store(store_64).manifest.intensity_max and saved["epoch"] == 1
+    assert saved["model"]["resolution"] == 64 and saved["modality"] == "t1ce"
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["epoch-0000.png", "epoch-0001.png"]
+    lines = [yaml.safe_load(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [line for line in lines if "loss_d_real" in line]
+    assert losses and all(np.isfinite(line["loss_g_feat"]) for line in losses)
+    assert [line["epoch"] for line in lines if "val_l1" in line] == [0, 1]
+
+
+def test_killed_run_resumes_bit_identically(spade_run, tmp_path, latest_task_state):
+    config, reference = spade_run
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train(config, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "latest").exists():
+        assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (run_dir / "DONE").exists()
+    resumed = subprocess.run(train(config, run_dir), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    mine, theirs = latest_task_state(run_dir), latest_task_state(reference)
+    for net in ("G", "D"):
+        for key in theirs[net]:
+            assert torch.equal(mine[net][key], theirs[net][key]), (net, key)
+    for k, v in theirs["opt_G"]["state"].items():
+        assert torch.equal(mine["opt_G"]["state"][k]["exp_avg_sq"], v["exp_avg_sq"])
+
+
+def test_two_ranks_with_synchronised_batch_norm_equal_one_process(store_64, tmp_path, launch_ddp):
+    path = write_config(tmp_path / "spade.yaml", store_64, epochs=1, checkpoint_every_steps=1, keep_checkpoints=100)
+    single = subprocess.run(train(path, tmp_path / "single"), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    launch_ddp([*train(path, tmp_path / "ddp"), "--dist", "ddp"])
+
+    def task(run, step):
+        return torch.load(tmp_path / run / "checkpoints" / f"ckpt-{step:09d}.pt", weights_only=True)["task"]
+
+    a, b, later = task("single", 1), task("ddp", 1), task("single", 2)
+    worst = max(float((a[n][k].float() - b[n][k].float()).abs().max()) for n in ("G", "D") for k in a[n])
+    moved = max(float((a[n][k].float() - later[n][k].float()).abs().max()) for n in ("G", "D") for k in a[n])
+    assert worst < 1e-3 * moved, (worst, moved)
+    stats = [k for k in a["G"] if k.endswith("running_var")]
+    assert stats and all(torch.allclose(a["G"][k], b["G"][k], rtol=1e-4) for k in stats)  # global batch statistics
+
+
+@pytest.fixture(scope="module")
+def mask_store(store_64, tmp_path_factory):
+    """A mask-only store (as the filter writes): the real validation masks in two shards."""
+    out = tmp_path_factory.mktemp("masks") / "kept"
+    labels = Store(store_64).read("val", 0, 20)["label"]
+    writer = StoreWriter(out, classes=7)
+    for k in range(2):
+        rows = labels[10 * k:10 * (k + 1)]
+        writer.write("train", k, label=rows, subject=[f"mask-{10 * k + i:03d}" for i in range(10)],
+                     slice_index=np.full(10, -1))
+    writer.finish(kind="synthetic", image_size=64, has_image=False, shard_counts={"train": 2},
+                  provenance={"test": "masks"})
+    return out
+
+
+def test_generate_images_pairs_every_mask_with_uint16_mr(spade_run, mask_store, store_64, tmp_path):
+    _, run_dir = spade_run
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out, png in zip(outs, ("--png", "--no-png")):
+        done = subprocess.run([*CLI, "generate", "images", str(run_dir), "--masks", str(mask_store), "--out", str(out),
+                               "--batch", "3", png], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    store = Store(outs[0])
+    m = store.manifest
+    assert m.kind == "synthetic" and m.has_image and m.splits["train"].n == 20 and verify(store) == []
+    assert m.provenance["masks_provenance"] == {"test": "masks"} and m.provenance["epoch"] == 1
+    rows = store.read("train", fields=("image", "label", "subject"))
+    assert np.array_equal(rows["label"], Store(mask_store).read("train")["label"])
+    peak = Store(store_64).manifest.intensity_max
+    assert rows["image"].dtype == np.uint16 and 0 < m.intensity_max <= peak
+    name = rows["subject"][0].decode()
+    assert np.array_equal(read_png(outs[0] / "png" / "train" / "image" / f"{name}.png"), rows["image"][0])
+    assert (outs[0] / "preview.png").exists() and not (outs[1] / "png").exists()
+    shas = [[s.sha256 for s in Store(o).manifest.splits["train"].shards] for o in outs]
+    assert shas[0] == shas[1]  # eval-mode generator, no noise: synthesis is deterministic
+    mixed = SliceDataset([Source(store_64, "train", n=8), Source(outs[0], "train")], classes=4)
+    batch = mixed.collate(mixed.__getitems__([0, 8, 27]))
+    assert batch["image"].shape == (3, 1, 64, 64) and batch["label"].max() <= 3
+    assert batch["source"].tolist() == [0, 1, 1]
+
+
+def test_generate_images_resumes_by_shard_and_refuses_mismatched_masks(spade_run, mask_store, tmp_path):
+    _, run_dir = spade_run
+    out = tmp_path / "out"
+    cmd = [*CLI, "generate", "images", str(run_dir), "--masks", str(mask_store), "--out", str(out)]
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    first = Store(out).manifest.splits["train"].shards
+    # as if killed while writing shard 1: no manifest, shard 0 logged as done, shard 1 missing
+    (out / "manifest.json").unlink()
+    (out / first[1].file).unlink()
+    (out / ".progress.jsonl").write_text(json.dumps({"split": "train", "index": 0, "info": asdict(first[0])}) + "\n")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [s.sha256 for s in Store(out).manifest.splits["train"].shards] == [s.sha256 for s in first]
+    bad = subprocess.run([*CLI, "generate", "images", str(run_dir), "--masks", str(run_dir), "--out",
+                          str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "manifest" in bad.stderr

@@ -1,0 +1,304 @@
+"""Sweeps: a base config × a grid, submitted as one job array, tracked in a sweep directory, reported as Table 1.
+
+Sweep YAML (configs/sweeps/table1.yaml)::
+
+    name: table1
+    model: unet
+    base: ../paper/unet.yaml          # relative to the sweep file
+    vars: {real: stores/brats18-256, synthetic_full: stores/synthetic-full}   # "${name}" in values below
+    set: {data.real: "${real}"}       # overrides for every member
+    evaluate: test                    # split each finished member is scored on
+    repeats: 1                        # seeds per grid point (mean ± sd in the report)
+    grid:                             # axes; the product is the members
+      classes: {data.classes: [7, 4, 2]}          # one key with a list of values
+      mix:                                         # or labelled override sets
+        "26040 + 0": {data.real_n: 26040, data.synthetic: null}
+        "26040 + 8960": {data.real_n: 26040, data.synthetic: "${synthetic_full}", data.synthetic_n: 8960}
+    report: {columns: classes, rows: mix}
+
+The sweep directory holds ``sweep.json`` (the spec and, per member, its labels, overrides, run directory and every
+job id it was submitted under), ``runs/<member>/`` and ``logs/`` (submitit). A member's state comes from its run
+directory (``DONE`` and the evaluation file, ``ERROR``, checkpoints, ``attempts.jsonl``) and, for jobs SLURM still
+knows, from the controller; never from accounting.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jobs.base import ATTEMPTS, ERROR
+from jobs.train import TrainJob
+from toolkit import config as configs
+from toolkit.atomic import write_json
+from toolkit.cluster import slurmctl
+from toolkit.cluster.executors import Profile, executor, load_profile
+from toolkit.report.tables import table1
+
+log = logging.getLogger(__name__)
+
+SWEEP = "sweep.json"
+STATES = ("not started", "pending", "running", "requeued", "preempted", "done", "failed")
+
+
+@dataclass(frozen=True)
+class ReportAxes:
+    columns: str = "classes"
+    rows: str = "mix"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A parsed sweep file; ``grid`` maps axis → {label: overrides}, in file order."""
+
+    name: str
+    model: str
+    base: Path
+    grid: dict[str, dict[str, dict[str, Any]]]
+    set: dict[str, Any] = field(default_factory=dict)
+    evaluate: str = "test"
+    repeats: int = 1
+    report: ReportAxes = field(default_factory=ReportAxes)
+
+
+def load_spec(path: Path, sets: tuple[str, ...] = (), variables: tuple[str, ...] = ()) -> SweepSpec:
+    """Read a sweep file, plus ``key=value`` overrides for every member (after the file's own ``set``) and
+    ``name=value`` variables (over the file's ``vars``); every member's config is checked now, so a typo fails before
+    anything is submitted."""
+    path = Path(path)
+    doc = yaml.safe_load(path.read_text())
+    if not isinstance(doc, dict) or "grid" not in doc:
+        raise configs.ConfigError(f"{path}: a sweep needs a 'grid' mapping")
+    names = {**(doc.pop("vars", None) or {}), **_parse_sets(variables)}
+    doc["set"] = {**(doc.get("set") or {}), **_parse_sets(sets)}
+    doc["set"], doc["grid"] = _substitute(path, doc["set"], names), _substitute(path, doc["grid"], names)
+    grid = {axis: _axis(path, axis, values) for axis, values in doc.pop("grid").items()}
+    doc["base"] = str((path.parent / doc["base"]).resolve())
+    spec = configs.from_dict(SweepSpec, {**doc, "grid": {}}, source=str(path))
+    spec = SweepSpec(**{**spec.__dict__, "grid": grid})
+    if set(grid) != {spec.report.rows, spec.report.columns} and len(grid) == 2:
+        raise configs.ConfigError(f"{path}: report axes {spec.report} are not the grid's axes {list(grid)}")
+    from toolkit.train.run import trainer
+
+    config_cls, _ = trainer(spec.model)
+    for member in members(spec):
+        configs.load(config_cls, spec.base, member["overrides"])
+    return spec
+
+
+def _substitute(path: Path, value: Any, names: dict[str, Any]) -> Any:
+    """``value`` with every string ``"${name}"`` replaced by the variable ``name``."""
+    if isinstance(value, dict):
+        return {k: _substitute(path, v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(path, v, names) for v in value]
+    match = re.fullmatch(r"\$\{(\w+)\}", value) if isinstance(value, str) else None
+    if match is None:
+        return value
+    if match[1] not in names:
+        raise configs.ConfigError(f"{path}: unknown variable ${{{match[1]}}} (vars: {sorted(names)})")
+    return names[match[1]]
+
+
+def _parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
+    out = {}
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise configs.ConfigError(f"--set: expected key.path=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(text)
+    return out
+
+
+def _axis(path: Path, axis: str, values: Any) -> dict[str, dict[str, Any]]:
+    if isinstance(values, dict) and len(values) == 1 and isinstance(next(iter(values.values())), list):
+        (key, options), = values.items()
+        return {str(v): {key: v} for v in options}
+    if isinstance(values, dict) and all(isinstance(v, dict) for v in values.values()):
+        return {str(label): dict(overrides) for label, overrides in values.items()}
+    raise configs.ConfigError(f"{path}: grid.{axis} must be {{key: [values]}} or {{label: {{key: value}}}}")
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
+def members(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The grid's product × repeats: name, labels per axis, seed and the ``--set`` overrides of each member."""
+    out = []
+    axes = list(spec.grid)
+    for i, combo in enumerate(itertools.product(*(spec.grid[a].items() for a in axes), range(spec.repeats))):
+        *choices, seed = combo
+        labels = {axis: label for axis, (label, _) in zip(axes, choices)}
+        sets = dict(spec.set)
+        for _, overrides in choices:
+            sets.update(overrides)
+        sets["seed"] = seed
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(labels.values())).strip("-")
+        out.append({"name": f"{i:03d}-{slug}-s{seed}", "labels": labels, "seed": seed,
+                    "overrides": [_override(k, v) for k, v in sets.items()]})
+    return out
+
+
+class Sweep:
+    """A sweep directory: submit, status, resume, report."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        path = self.root / SWEEP
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: not a sweep directory (no {SWEEP})")
+        self.doc = json.loads(path.read_text())
+
+    @classmethod
+    def create(cls, spec_path: Path, root: Path, cluster: str, profile: str, sets: tuple[str, ...] = (),
+               variables: tuple[str, ...] = ()) -> Sweep:
+        """Write a new sweep directory for ``spec_path`` (an existing one of the same file is reopened as it is; one
+        of another sweep is refused)."""
+        spec = load_spec(spec_path, sets, variables)
+        root = Path(root)
+        if (root / SWEEP).exists():
+            previous = json.loads((root / SWEEP).read_text())
+            if previous["spec_file"] != str(Path(spec_path).resolve()):
+                raise FileExistsError(f"{root}: holds the sweep of {previous['spec_file']}")
+            return cls(root)
+        doc = {"spec_file": str(Path(spec_path).resolve()), "name": spec.name, "model": spec.model,
+               "base": str(spec.base), "evaluate": spec.evaluate, "cluster": cluster, "profile": profile,
+               "report": {"rows": spec.report.rows, "columns": spec.report.columns},
+               "members": [{**m, "run_dir": str((root / "runs" / m["name"]).resolve()), "jobs": []}
+                           for m in members(spec)]}
+        write_json(root / SWEEP, doc)
+        return cls(root)
+
+    def _save(self) -> None:
+        write_json(self.root / SWEEP, self.doc)
+
+    def _job(self, member: dict[str, Any]) -> TrainJob:
+        """A member's job: DDP over the profile's tasks on SLURM, one process locally."""
+        ddp = self.doc["cluster"] == "slurm" and load_profile(self.doc["profile"]).tasks_per_node > 1
+        return TrainJob(model=self.doc["model"], config=Path(self.doc["base"]), run_dir=Path(member["run_dir"]),
+                        overrides=tuple(member["overrides"]), backend="ddp" if ddp else "none",
+                        evaluate=self.doc["evaluate"])
+
+    # --- submission -------------------------------------------------------------------------------------------
+    def submit(self, names: list[str] | None = None, *, timeout: float = 24 * 3600,
+               after: list[str] | None = None) -> list[str]:
+        """Submit the named members (default: all) as one job array; returns their job ids.
+
+        On ``local`` the members run as subprocesses, ``array_parallelism`` at a time, and this call waits for them
+        (up to ``timeout`` seconds); on ``slurm`` it returns once the array is queued (after ``after`` succeeded).
+        """
+        chosen = [m for m in self.doc["members"] if names is None or m["name"] in names]
+        if not chosen:
+            return []
+        profile: Profile = load_profile(self.doc["profile"])
+        ex = executor(self.doc["cluster"], profile, self.root / "logs", after=after,
+                      tasks=None if self.doc["cluster"] == "slurm" else 1)
+        if self.doc["cluster"] == "local":
+            return self._run_local(ex, chosen, profile.array_parallelism, timeout)
+        with ex.batch():
+            handles = [ex.submit(self._job(m)) for m in chosen]
+        for member, handle in zip(chosen, handles):
+            member["jobs"].append(str(handle.job_id))
+        self._save()
+        log.info("%s: submitted %d members as array %s", self.root, len(chosen), handles[0].job_id.split("_")[0])
+        return [str(h.job_id) for h in handles]
+
+    def _run_local(self, ex: Any, chosen: list[dict[str, Any]], parallel: int, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        queue, running, ids = list(chosen), [], []
+        while queue or running:
+            while queue and len(running) < max(1, parallel):
+                member = queue.pop(0)
+                handle = ex.submit(self._job(member))
+                member["jobs"].append(str(handle.job_id))
+                ids.append(str(handle.job_id))
+                running.append(handle)
+                self._save()
+            running = [h for h in running if not h.done()]
+            if running:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.root}: local members still running after {timeout:g} s")
+                time.sleep(0.5)  # polling local subprocesses for completion
+        return ids
+
+    def resume(self) -> list[str]:
+        """Resubmit exactly the members that are neither done nor queued/running."""
+        todo = [row["name"] for row in self.status() if row["state"] in ("not started", "preempted", "failed")]
+        return self.submit(todo) if todo else []
+
+    # --- status and report ------------------------------------------------------------------------------------
+    def status(self) -> list[dict[str, Any]]:
+        """One row per member: name, state, job_id, restarts, epoch, best_val, error (``sweep status`` keys)."""
+        latest = [m["jobs"][-1] for m in self.doc["members"] if m["jobs"]]
+        live = slurmctl.job_states(latest) if self.doc["cluster"] == "slurm" and latest and slurmctl.available() \
+            else {}
+        return [self._member_status(m, live) for m in self.doc["members"]]
+
+    def _member_status(self, member: dict[str, Any], live: dict[str, str]) -> dict[str, Any]:
+        run = Path(member["run_dir"])
+        job_id = member["jobs"][-1] if member["jobs"] else None
+        attempts = _lines(run / ATTEMPTS)
+        starts = [a for a in attempts if str(a.get("rank", "0")) == "0"]
+        metrics = [m for m in _lines(run / "metrics.jsonl") if "val_loss" in m]
+        evaluated = (run / f"eval-{self.doc['evaluate']}.json").exists()
+        slurm_state = live.get(job_id or "")
+        error = None
+        if (run / "DONE").exists() and evaluated:
+            state = "done"
+        elif slurm_state in ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+            state = "requeued" if starts else "pending"
+        elif slurm_state in ("RUNNING", "COMPLETING", "SUSPENDED"):
+            state = "running"
+        elif (run / ERROR).exists() or slurm_state in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY",
+                                                         "NODE_FAIL"):
+            state = "failed"
+            error = _last_line(run / ERROR) or f"SLURM state {slurm_state}"
+        elif (run / "checkpoints").exists() or starts:
+            state = "preempted"
+        else:
+            state = "not started"
+        return {"name": member["name"], "labels": member["labels"], "state": state, "job_id": job_id,
+                "restarts": max(0, len(starts) - 1), "epoch": (metrics[-1]["epoch"] + 1) if metrics else 0,
+                "best_val": min((m["val_loss"] for m in metrics), default=None), "error": error}
+
+    def report(self) -> dict[str, Any]:
+        """Table 1 from the finished members: ``table1.md``, ``table1.csv``, ``table1.png`` in the sweep directory."""
+        results = []
+        for member, row in zip(self.doc["members"], self.status()):
+            if row["state"] == "done":
+                evaluation = json.loads((Path(member["run_dir"]) / f"eval-{self.doc['evaluate']}.json").read_text())
+                results.append({**member["labels"], "value": evaluation["dice_error_percent"]})
+        axes = self.doc["report"]
+        order = {a: list(dict.fromkeys(m["labels"][a] for m in self.doc["members"])) for a in axes.values()}
+        return table1(results, rows=axes["rows"], columns=axes["columns"], row_order=order[axes["rows"]],
+                      column_order=order[axes["columns"]], out=self.root / "table1",
+                      title=f"{self.doc['name']}: Dice error % on the real {self.doc['evaluate']} split")
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill
+    return out
+
+
+def _last_line(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return lines[-1] if lines else None
+

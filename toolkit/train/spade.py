@@ -1,0 +1,279 @@
+"""The SPADE trainer: mask → MR image, learned from the real store's pairs, on the shared loop.
+
+Fills in :class:`toolkit.train.loop.Task` with the official recipe (reference: shared/reference/official-codes.md)
+at the paper's settings: no VAE encoder, no VGG loss, no instance map, no flipping, no resizing.
+
+- Data: the (non-empty by default) pairs of a real store's training split or its reduced prefix. Images are scaled to
+  [−1, 1] with the store's intensity maximum, which every checkpoint and ``generator.pt`` carry, so synthesis writes
+  native uint16 (the official code clips to 8 bits and assumes 3 channels).
+- One step, in the official order: a G step (hinge ``−D(fake)`` plus λ_feat × the L1 feature-matching loss between D's
+  intermediate features on fake and real, averaged over the discriminators), then a D step (hinge
+  ``relu(1 − D(real)) + relu(1 + D(fake))`` on a freshly generated, detached fake). Fake and real go through D as one
+  batch, as officially, so spectral norm's power iteration runs once per pass.
+- TTUR: Adam β (0, 0.9), G lr 1e-4, D lr 4e-4; an optional linear decay to zero over the last ``decay_epochs``
+  (a pure function of the epoch, so resume needs nothing extra).
+- Multi-process: G and D are DDP-wrapped; SPADE's parameter-free BatchNorm is synchronised across ranks.
+- After every epoch: ``generator.pt`` (what ``generate images`` loads) and a grid of mask / synthetic / real MR on
+  fixed validation rows (the paper's Fig. 7), with the validation L1 error in intensity units as a metric.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from toolkit.atomic import atomic_path
+from toolkit.config import from_dict, to_dict
+from toolkit.data.dataset import SliceDataset, Source
+from toolkit.data.store import Store
+from toolkit.models.spade import MultiscaleDiscriminator, SPADEConfig, SPADEGenerator, one_hot
+from toolkit.report.figures import row_grid
+from toolkit.train.distributed import Dist
+from toolkit.train.loop import LoopConfig
+from toolkit.train.sampling import rank_batches
+from toolkit.train.unet import RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+GENERATOR = "generator.pt"
+
+
+@dataclass(frozen=True)
+class SPADEDataConfig:
+    """The pairs SPADE learns: a real store's training split (or its reduced prefix), empty masks dropped."""
+
+    store: Path
+    reduced: bool = False
+    drop_empty: bool = True
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class SPADEOptimConfig:
+    """TTUR Adam (official: lr 2e-4 halved for G, doubled for D) and the loss weight; batch is the global batch."""
+
+    lr_g: float = 1e-4
+    lr_d: float = 4e-4
+    beta1: float = 0.0
+    beta2: float = 0.9
+    lambda_feat: float = 10.0
+    batch: int = 1
+    decay_epochs: int = 0
+
+
+@dataclass(frozen=True)
+class SPADERunConfig:
+    """A SPADE training run (configs/paper/spade.yaml, configs/demo-spade.yaml)."""
+
+    data: SPADEDataConfig
+    model: SPADEConfig = field(default_factory=SPADEConfig)
+    optim: SPADEOptimConfig = field(default_factory=SPADEOptimConfig)
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=50))
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    samples: int = 8
+    seed: int = 0
+
+
+def to_unit(image: torch.Tensor, intensity_max: float) -> torch.Tensor:
+    """Raw intensities [0, max] → [−1, 1]."""
+    return image * (2 / intensity_max) - 1
+
+
+def to_uint16(image: torch.Tensor, intensity_max: float) -> torch.Tensor:
+    """Generator output in [−1, 1] → raw intensities, rounded and clipped to [0, max] (int32; uint16-safe)."""
+    return torch.round((image.float() + 1) * (intensity_max / 2)).clamp(0, intensity_max).to(torch.int32)
+
+
+def hinge_d(scores: list[list[torch.Tensor]], real: bool) -> torch.Tensor:
+    """Hinge loss of D on real (``relu(1 − s)``) or fake (``relu(1 + s)``) patches, averaged over discriminators."""
+    sign = -1 if real else 1
+    return torch.stack([F.relu(1 + sign * features[-1]).mean() for features in scores]).mean()
+
+
+def hinge_g(scores: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Generator hinge loss ``−D(fake)``, averaged over discriminators."""
+    return torch.stack([-features[-1].mean() for features in scores]).mean()
+
+
+def feature_matching(fake: list[list[torch.Tensor]], real: list[list[torch.Tensor]]) -> torch.Tensor:
+    """L1 between D's intermediate features on fake and (detached) real, summed over layers, averaged over Ds."""
+    total = sum(F.l1_loss(f, r.detach()) for f_layers, r_layers in zip(fake, real)
+                for f, r in zip(f_layers[:-1], r_layers[:-1]))
+    return total / len(fake)
+
+
+def split_scores(scores: list[list[torch.Tensor]]) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """D's outputs on ``cat(fake, real)`` → (outputs on fake, outputs on real)."""
+    halves = [[f.chunk(2) for f in features] for features in scores]
+    return [[f for f, _ in h] for h in halves], [[r for _, r in h] for h in halves]
+
+
+def _autocast(device: torch.device, amp: bool) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def _discriminate(D: torch.nn.Module, segmap: torch.Tensor, fake: torch.Tensor, real: torch.Tensor, amp: bool
+                  ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """D's outputs on fake and on real, from one pass over both (as officially: one spectral-norm power step)."""
+    with _autocast(real.device, amp):
+        scores = D(torch.cat([segmap, segmap]), torch.cat([fake, real]))
+    return split_scores([[f.float() for f in features] for features in scores])
+
+
+def train_iteration(G: torch.nn.Module, D: torch.nn.Module, opt_G: torch.optim.Optimizer,
+                    opt_D: torch.optim.Optimizer, segmap: torch.Tensor, real: torch.Tensor, *, lambda_feat: float,
+                    amp: bool) -> dict[str, float]:
+    """One official SPADE iteration: a G step (hinge + feature matching), then a D step on a fresh, detached fake."""
+    with _autocast(real.device, amp):
+        fake = G(segmap)
+    on_fake, on_real = _discriminate(D, segmap, fake, real, amp)
+    loss_gan, loss_feat = hinge_g(on_fake), lambda_feat * feature_matching(on_fake, on_real)
+    opt_G.zero_grad(set_to_none=True)
+    (loss_gan + loss_feat).backward()
+    opt_G.step()
+
+    with torch.no_grad(), _autocast(real.device, amp):
+        fake = G(segmap)
+    on_fake, on_real = _discriminate(D, segmap, fake.detach(), real, amp)
+    loss_d_fake, loss_d_real = hinge_d(on_fake, real=False), hinge_d(on_real, real=True)
+    opt_D.zero_grad(set_to_none=True)
+    (loss_d_fake + loss_d_real).backward()
+    opt_D.step()
+    losses = {"loss_g_gan": loss_gan, "loss_g_feat": loss_feat, "loss_d_fake": loss_d_fake, "loss_d_real": loss_d_real}
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+class SPADETask:
+    """Networks, TTUR optimisers and the per-step hinge + feature-matching computation."""
+
+    def __init__(self, cfg: SPADERunConfig, dist: Dist, run_dir: Path) -> None:
+        if cfg.optim.batch % dist.world_size:
+            raise ValueError(f"optim.batch = {cfg.optim.batch} must be divisible by the {dist.world_size} ranks")
+        self.cfg, self.dist, self.run_dir = cfg, dist, Path(run_dir)
+        d = cfg.data
+        manifest = Store(d.store).manifest
+        if manifest.intensity_max is None:
+            raise ValueError(f"{d.store}: mask-only store; SPADE trains on image/mask pairs")
+        if manifest.image_size != cfg.model.resolution:
+            raise ValueError(f"{d.store}: images are {manifest.image_size}², model.resolution is "
+                             f"{cfg.model.resolution}")
+        if manifest.classes != cfg.model.label_nc:
+            raise ValueError(f"{d.store}: {manifest.classes}-class masks, model.label_nc is {cfg.model.label_nc}")
+        self.intensity_max = float(manifest.intensity_max)
+        self.meta = {"intensity_max": self.intensity_max, "modality": manifest.modality, "store": str(d.store),
+                     "reduced": d.reduced}
+        self.train_set = SliceDataset([Source(d.store, "train", n="reduced" if d.reduced else None,
+                                              drop_empty=d.drop_empty)], classes=cfg.model.label_nc)
+        if len(self.train_set) < cfg.optim.batch:
+            raise ValueError(f"{d.store}: {len(self.train_set)} training pairs, fewer than one batch")
+        val = SliceDataset([Source(d.store, "val", drop_empty=True)], classes=cfg.model.label_nc)
+        self.val_batch = val.collate(val.__getitems__(list(range(min(cfg.samples, len(val))))))
+        log.info("SPADE on %s; intensity max %.0f", self.train_set.describe(), self.intensity_max)
+
+        torch.manual_seed(cfg.seed)
+        memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
+        self.G = SPADEGenerator(cfg.model).to(memory_format=memory_format)
+        self.D = MultiscaleDiscriminator(cfg.model).to(memory_format=memory_format)
+        self.G_net = dist.wrap(self.G, sync_bn=True)
+        self.D_net = dist.wrap(self.D)
+        if cfg.runtime.compile:
+            self.G_net, self.D_net = torch.compile(self.G_net), torch.compile(self.D_net)
+        o = cfg.optim
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
+
+    def loop_config(self) -> LoopConfig:
+        return self.cfg.loop
+
+    # --- data -------------------------------------------------------------------------------------------------
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        return len(self.train_set) // self.cfg.optim.batch
+
+    def lr_scale(self, epoch: int) -> float:
+        """Official linear decay: 1 until the last ``decay_epochs`` epochs, then 1 − k / decay_epochs."""
+        decay = self.cfg.optim.decay_epochs
+        return 1.0 if decay <= 0 else 1.0 - max(0, epoch - (self.cfg.loop.epochs - decay)) / decay
+
+    def batches(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        # The learning rate is a pure function of the epoch, set whenever an epoch's batches are asked for (so also
+        # on resume).
+        scale = self.lr_scale(epoch)
+        for optimizer, lr in ((self.opt_G, self.cfg.optim.lr_g), (self.opt_D, self.cfg.optim.lr_d)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * scale
+        mine = rank_batches(len(self.train_set), self.cfg.optim.batch, seed=self.cfg.seed, epoch=epoch, start=start,
+                            rank=self.dist.rank, world_size=self.dist.world_size)
+        loader = DataLoader(self.train_set, batch_sampler=mine, num_workers=self.cfg.data.workers,
+                            collate_fn=SliceDataset.collate)
+        return iter(loader) if mine else iter(())
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(one-hot mask, image in [−1, 1]) on the device, in the configured memory format."""
+        memory_format = torch.channels_last if self.cfg.runtime.channels_last else torch.contiguous_format
+        device = self.dist.device
+        segmap = one_hot(batch["label"].to(device, non_blocking=True), self.cfg.model.label_nc)
+        image = to_unit(batch["image"].to(device, non_blocking=True), self.intensity_max)
+        return segmap.contiguous(memory_format=memory_format), image.contiguous(memory_format=memory_format)
+
+    # --- steps ------------------------------------------------------------------------------------------------
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        segmap, real = self._inputs(batch)
+        return train_iteration(self.G_net, self.D_net, self.opt_G, self.opt_D, segmap, real,
+                               lambda_feat=self.cfg.optim.lambda_feat, amp=self.cfg.runtime.amp)
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """End of an epoch: ``generator.pt``, the mask / synthetic / real grid and the validation L1 (intensities)."""
+        segmap, real = self._inputs(self.val_batch)
+        self.G.eval()
+        try:
+            fake = self.G(segmap)
+        finally:
+            self.G.train()
+        l1 = float((fake.float() - real).abs().mean()) * self.intensity_max / 2
+        if self.dist.is_main:
+            save_generator(self.G, self.cfg.model, {**self.meta, "epoch": epoch}, self.run_dir / GENERATOR)
+            row_grid([("mask", self.val_batch["label"].numpy(), True),
+                      ("synthetic", to_uint16(fake, self.intensity_max)[:, 0].cpu().numpy(), False),
+                      ("real", self.val_batch["image"][:, 0].numpy(), False)],
+                     self.run_dir / "samples" / f"epoch-{epoch:04d}.png", f"SPADE epoch {epoch}")
+        return {"val_l1": l1}
+
+    # --- state ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"G": self.G.state_dict(), "D": self.D.state_dict(), "opt_G": self.opt_G.state_dict(),
+                "opt_D": self.opt_D.state_dict(), "intensity_max": self.intensity_max}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if float(state["intensity_max"]) != self.intensity_max:
+            raise ValueError(f"checkpoint intensity_max {state['intensity_max']} differs from the store's "
+                             f"{self.intensity_max}: the store changed under the run")
+        self.G.load_state_dict(state["G"], strict=True)
+        self.D.load_state_dict(state["D"], strict=True)
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_D.load_state_dict(state["opt_D"])
+
+    def save_best(self, path: Path) -> None:
+        save_generator(self.G, self.cfg.model, {**self.meta, "epoch": None}, path)
+
+
+def save_generator(G: SPADEGenerator, model: SPADEConfig, meta: dict[str, Any], path: Path) -> None:
+    """Atomically write what synthesis needs: generator weights, model config and ``meta`` (intensity maximum,
+    modality, training store, epoch)."""
+    with atomic_path(path) as tmp:
+        torch.save({"G": G.state_dict(), "model": to_dict(model), **meta}, tmp)
+
+
+def load_generator(path: Path, device: torch.device) -> tuple[SPADEGenerator, dict[str, Any]]:
+    """A saved generator in eval mode (BatchNorm on its running statistics) and its metadata."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    G = SPADEGenerator(from_dict(SPADEConfig, saved["model"], source=str(path)))
+    G.load_state_dict(saved["G"], strict=True)
+    return G.to(device).eval(), {k: v for k, v in saved.items() if k != "G"}
