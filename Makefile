@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 DEMO    ?= demo-out
 APT_PKGS := openmpi-bin libopenmpi-dev
 
-.PHONY: all setup system-deps demo test lint bench clean
+.PHONY: all setup system-deps demo demo-slurm test lint bench clean
 
 all: test
 
@@ -36,6 +36,12 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/tumorsynth demo --out $(DEMO)
+
+# The same demo as SLURM jobs on the local single-node cluster (root; slurm/local/start.sh installs and starts it).
+demo-slurm: setup
+	slurm/local/start.sh
+	SLURM_CONF=$${TUMORSYNTH_SLURM_DIR:-/tmp/tumorsynth-slurm}/slurm.conf \
+	  $(BIN)/tumorsynth demo --out $(DEMO)-slurm --cluster slurm --profile local
 
 test: setup
 	@start=$$(date +%s); \

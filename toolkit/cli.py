@@ -265,6 +265,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         ids = sweep.resume()
         print(f"{args.target}: resubmitted {len(ids)} members")
         return 0
+    if args.action == "evaluate":
+        ids = sweep.evaluate(args.split)
+        print(f"{args.target}: {len(ids)} finished members scored on {args.split} ({ids[0] if ids else 'none'}…)")
+        return 0
     if args.action == "report":
         doc = sweep.report()
         _emit(args, doc, lambda d: d["markdown"] + "\nwritten: " + ", ".join(d["paths"]))
@@ -407,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_swd)
 
     p = sub.add_parser("sweep", help="submit a grid of trainings as a job array; status, resume, Table-1 report")
-    p.add_argument("action", choices=("submit", "status", "resume", "report"))
+    p.add_argument("action", choices=("submit", "status", "resume", "report", "evaluate"))
     p.add_argument("target", help="submit: the sweep YAML; otherwise the sweep directory")
+    p.add_argument("--split", default="test", help="evaluate: the split to score every finished member on")
     p.add_argument("--cluster", choices=("local", "slurm"), default="local")
     p.add_argument("--profile", default="local", help="slurm/profiles/<name>.yaml or a path")
     p.add_argument("--out", help="sweep directory (default: sweeps/<sweep file name>)")

@@ -59,12 +59,11 @@ class DemoConfig:
 
 def pipeline_config(config: DemoConfig) -> PipelineConfig:
     """The demo as a pipeline: one (full) branch, the repository's demo configs."""
-    threads = (f"runtime.threads={config.workers}",)
     return PipelineConfig(out=Path(config.out), cohort=Path(config.out) / "cohort", size=config.size,
                           workers=config.workers, branches=("full",), swd_images=config.swd_images,
                           masks=config.masks, threshold=config.threshold, ranks=2, seed=config.seed,
-                          pgan=TrainStep(CONFIGS / "demo-pgan.yaml", threads),
-                          spade=TrainStep(CONFIGS / "demo-spade.yaml", threads),
+                          pgan=TrainStep(CONFIGS / "demo-pgan.yaml"),
+                          spade=TrainStep(CONFIGS / "demo-spade.yaml", (f"runtime.threads={config.workers}",)),
                           sweep=CONFIGS / "sweeps" / "demo.yaml", profile=config.profile)
 
 

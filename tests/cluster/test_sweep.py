@@ -79,6 +79,10 @@ def test_local_sweep_runs_reports_and_resumes(tmp_path, base):
     after = json.loads((out / "sweep.json").read_text())["members"]
     assert [len(m["jobs"]) for m in after] == [1, 2, 1, 1]
     assert [r["state"] for r in Sweep(out).status()] == ["done"] * 4
+    assert len(Sweep(out).evaluate("val")) == 4  # every finished member scored on another split, as an array
+    for member in after:
+        scored = json.loads((out / "runs" / member["name"] / "eval-val.json").read_text())
+        assert scored["split"] == "val" and 0 <= scored["dice_error_percent"] <= 100
 
 
 def test_table1_bolds_the_best_of_each_column_and_shows_spread_and_gaps(tmp_path):

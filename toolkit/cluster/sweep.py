@@ -230,6 +230,22 @@ class Sweep:
                 time.sleep(0.5)  # polling local subprocesses for completion
         return ids
 
+    def evaluate(self, split: str) -> list[str]:
+        """Score every finished member on ``split`` (``RUN/eval-<split>.json``) as one job array, in parallel."""
+        from jobs.evaluate import EvaluateUNetJob
+
+        runs = [Path(m["run_dir"]) for m in self.doc["members"] if (Path(m["run_dir"]) / "DONE").exists()]
+        if not runs:
+            return []
+        profile = load_profile(self.doc["profile"])
+        ex = executor(self.doc["cluster"], profile, self.root / "logs" / f"evaluate-{split}", tasks=1)
+        with ex.batch():
+            handles = [ex.submit(EvaluateUNetJob(run, split)) for run in runs]
+        if self.doc["cluster"] == "local":
+            for handle in handles:
+                handle.result()
+        return [str(h.job_id) for h in handles]
+
     def resume(self) -> list[str]:
         """Resubmit exactly the members that are neither done nor queued/running."""
         todo = [row["name"] for row in self.status() if row["state"] in ("not started", "preempted", "failed")]

@@ -81,10 +81,13 @@ def generate_images(run_dir: Path, masks: Path, out: Path, *, batch: int = 16, d
     return manifest
 
 
-def preview(store: Path, columns: int = 8) -> Path:
-    """A mask / synthetic MR grid of the first rows of the store's first split (the paper's Figs 5–6)."""
+def preview(store: Path, columns: int = 8) -> Path | None:
+    """A mask / synthetic MR grid of the first rows of the store's first split (the paper's Figs 5–6); None when the
+    store is empty (e.g. every mask was filtered out)."""
     s = Store(store)
     split = next(iter(s.manifest.splits))
+    if not s.manifest.splits[split].n:
+        return None
     rows = s.read(split, 0, columns, fields=("label", "image"))
     return row_grid([("mask", rows["label"], True), ("synthetic MR", rows["image"], False)], Path(store) / PREVIEW,
                     f"{s.root.name}: synthetic pairs")
