@@ -19,6 +19,7 @@ class FilterJob(Job):
     out: Path
     threshold: float = 500.0
     reduced: bool = False
+    min_std: float = 0.0
 
     def log_dir(self) -> Path:
         return store_log_dir(self.out)
@@ -27,4 +28,4 @@ class FilterJob(Job):
         if (Path(self.out) / "manifest.json").exists():
             return {"store": str(self.out), "already_complete": True}
         return filter_store(Path(self.real), Path(self.synthetic), Path(self.out), threshold=self.threshold,
-                            reduced=self.reduced)
+                            reduced=self.reduced, min_std=self.min_std)

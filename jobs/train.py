@@ -1,11 +1,13 @@
 """Training job: `tumorsynth train MODEL` as a resumable submitit callable (one process per task; DDP across tasks).
 
-Preemption: SLURM (or ``scancel --signal=USR2``) signals every task; the training loop turns the signal into a
-checkpoint at the next step boundary, agreed by all ranks, and returns "preempted". The job then hands over to
-submitit's own USR2 handler, which calls :meth:`Job.checkpoint` (a fresh copy of this job), requeues the SLURM job
-and exits; the requeued job resumes from that checkpoint. A hard kill (SIGKILL, node failure, ``scontrol requeue``)
-resumes from the newest periodic checkpoint instead. With ``evaluate``, the finished U-Net run is scored on that split
-(``RUN/eval-<split>.json``) by rank 0, which is what sweeps report.
+Preemption: SLURM's time-limit warning (or ``scancel --signal=USR2``) signals every task; the training loop turns
+the signal into a checkpoint at the next step boundary, agreed by all ranks, and returns "preempted". The job then
+hands over to submitit's own USR2 handler, which calls :meth:`Job.checkpoint` (a fresh copy of this job), requeues
+the SLURM job and exits; the requeued job resumes from that checkpoint. SIGTERM (``scancel``, ``scontrol requeue``,
+preemption by a higher-priority job) also checkpoints if the step ends before SLURM's kill, but then the job just
+exits: SLURM decides whether it runs again. A hard kill resumes from the newest periodic checkpoint. With
+``evaluate``, the finished U-Net run is scored on that split (``RUN/eval-<split>.json``) by rank 0, which is what
+sweeps report.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class TrainJob(Job):
         submitit_handler = signal.getsignal(signal.SIGUSR2)  # installed by submitit before calling the job
         result = train(self.model, Path(self.config), tuple(self.overrides), Path(self.run_dir), self.backend)
         if result.status == "preempted":
+            if result.metrics.get("signal") == signal.SIGTERM:
+                # SLURM itself ends this attempt (scancel, scontrol requeue, preemption, node shutdown) and decides
+                # whether it runs again; requeueing here would undo a cancel. Exit without a result (submitit
+                # catches Exception, not SystemExit), as a process killed by SIGTERM would.
+                raise SystemExit(128 + signal.SIGTERM)
             if callable(submitit_handler):
                 submitit_handler(signal.SIGUSR2, None)  # checkpoint() → requeue → exit (rank 0; others return)
             return {"status": "preempted", **result.metrics}

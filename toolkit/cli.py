@@ -227,10 +227,10 @@ def _cmd_filter(args: argparse.Namespace) -> int:
 
     real, synthetic, out = Path(args.real), Path(args.synthetic), Path(args.out)
     if args.calibrate:
-        doc = calibrate(real, synthetic, out, reduced=args.reduced)
+        doc = calibrate(real, synthetic, out, reduced=args.reduced, min_std=args.min_std)
         text = "suggested threshold {suggested_threshold} (drops {synthetic_dropped_at_suggested} of synthetic masks)"
     else:
-        doc = filter_store(real, synthetic, out, threshold=args.threshold, reduced=args.reduced)
+        doc = filter_store(real, synthetic, out, threshold=args.threshold, reduced=args.reduced, min_std=args.min_std)
         text = "kept {kept}, dropped {dropped} ({dropped_percent:.3f} %) at threshold {threshold}; details in {csv}"
     if doc:  # rank 0 only: the other MPI ranks print nothing
         _emit(args, doc, lambda d: text.format(**d))
@@ -397,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output store (or, with --calibrate, a folder for the curve)")
     p.add_argument("--threshold", type=float, default=500.0)
     p.add_argument("--reduced", action="store_true", help="statistics over the reduced training prefix")
+    p.add_argument("--min-std", type=float, default=0.0,
+                   help="floor σ at this value (default 0: a σ = 0 pixel that differs from μ drops the mask)")
     p.add_argument("--calibrate", action="store_true", help="drop fractions versus threshold and a suggestion")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_filter)

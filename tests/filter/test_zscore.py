@@ -200,3 +200,18 @@ def test_real_masks_are_reduced_to_the_size_of_smaller_synthetic_masks(stores, t
     with pytest.raises(ValueError, match="larger than the real masks"):
         filter_store(stores["real"], larger, tmp_path / "never", comm=MPI.COMM_SELF)
     assert not (tmp_path / "never").exists()
+
+
+def test_min_std_floors_sigma_so_stray_pixels_cost_instead_of_dropping(stores, tmp_path):
+    moments = real_moments(stores["real"], reduced=False, comm=MPI.COMM_SELF)
+    floored = moments.floored(0.5)
+    assert floored.count == moments.count and np.array_equal(floored.mean, moments.mean)
+    np.testing.assert_allclose(floored.std, np.maximum(moments.std, 0.5), rtol=1e-12)
+    assert moments.floored(0.0) is moments
+    labels = stores["synth"]["train"]
+    strict, soft = norms(labels, moments), norms(labels, floored)
+    assert np.isinf(strict[3]) and np.isfinite(soft).all()  # the σ = 0 corner now costs (6 − 0)² / 0.5²
+    result = filter_store(stores["real"], stores["synthetic"], tmp_path / "kept", threshold=float(soft[3]),
+                          min_std=0.5, comm=MPI.COMM_SELF)
+    expected = sum(int((norms(v, floored) <= soft[3]).sum()) for v in stores["synth"].values())
+    assert result["kept"] == expected and Store(tmp_path / "kept").manifest.provenance["min_std"] == 0.5

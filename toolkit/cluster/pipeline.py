@@ -67,6 +67,7 @@ class PipelineConfig:
     swd_images: int = 16384
     masks: int = 100_000
     threshold: float = 500.0
+    min_std: float = 0.0
     ranks: int = 2
     sweep_set: tuple[str, ...] = ()
     profile: str = "local"
@@ -112,7 +113,8 @@ def steps(cfg: PipelineConfig, cluster: str = "local") -> list[Step]:
             Step(f"swd-{b}", EvaluateSWDJob(pgan, images=cfg.swd_images), (f"pgan-{b}",),
                  lambda d=pgan: (d / "snapshots" / "best").exists(), tasks=cfg.ranks),
             Step(f"masks-{b}", GenerateMasksJob(pgan, cfg.masks, masks, seed=cfg.seed), (f"swd-{b}",), manifest(masks)),
-            Step(f"filter-{b}", FilterJob(store, masks, kept, threshold=cfg.threshold, reduced=b == "reduced"),
+            Step(f"filter-{b}", FilterJob(store, masks, kept, threshold=cfg.threshold, reduced=b == "reduced",
+                                          min_std=cfg.min_std),
                  (f"masks-{b}",), manifest(kept), tasks=cfg.ranks),
             Step(f"spade-{b}", TrainJob("spade", Path(cfg.spade.config), spade, (
                 *cfg.spade.set, f"data.store={store}", f"data.reduced={reduced}"), backend), ("prepare",),

@@ -8,7 +8,9 @@ prefix (the first ``manifest.reduced`` rows), reduced to the synthetic masks' si
 
 Zero-variance pixels (σ = 0, e.g. corners that are background in every real mask): a pixel equal to μ contributes 0;
 any other value makes the norm infinite, so the mask is always dropped. The norm is never NaN and such a mask is never
-silently kept.
+silently kept. ``min_std`` (``--min-std``, default 0: the strict rule) floors σ instead: a pixel where the real masks
+never vary then costs (Δ/min_std)². With few real masks or an undertrained generator (stray pixels on the image
+border, as the CPU demo's PGAN makes) the strict rule drops every mask; the floor keeps the filter's ranking.
 
 Work is spread over MPI ranks (run plainly, or under ``mpirun``/``srun``): shard i goes to rank i % size. Moments are
 accumulated per shard in fixed 256-row blocks and merged in shard order after one ``allgather``, so any rank count gives
@@ -74,6 +76,12 @@ class Moments:
     def std(self) -> np.ndarray:
         """Population standard deviation, sqrt(M2 / count)."""
         return np.sqrt(self.m2 / self.count)
+
+    def floored(self, min_std: float) -> Moments:
+        """The same moments with the standard deviation raised to at least ``min_std`` (0: unchanged)."""
+        if min_std <= 0:
+            return self
+        return Moments(self.count, self.mean, np.maximum(self.std, min_std) ** 2 * self.count)
 
 
 def _world(comm: Any) -> Any:
@@ -210,7 +218,7 @@ def _write_kept(keep: _Keep, split: str, index: int, rows: dict[str, np.ndarray]
 
 
 def filter_store(real: Path, synthetic: Path, out: Path, *, threshold: float = 500.0, reduced: bool = False,
-                 comm: Any = None) -> dict[str, Any]:
+                 min_std: float = 0.0, comm: Any = None) -> dict[str, Any]:
     """Write the masks of ``synthetic`` whose norm is ≤ ``threshold`` to the store ``out`` plus ``out/zscore.csv``.
 
     Collective over ``comm`` (default ``MPI.COMM_WORLD``); rank 0 writes and returns the summary, other ranks ``{}``.
@@ -224,7 +232,7 @@ def filter_store(real: Path, synthetic: Path, out: Path, *, threshold: float = 5
     real_size = Store(real).manifest.image_size
     if m.image_size > real_size:
         raise ValueError(f"{synthetic} is {m.image_size}², larger than the real masks of {real} ({real_size}²)")
-    moments = real_moments(real, reduced=reduced, size=m.image_size, comm=comm)
+    moments = real_moments(real, reduced=reduced, size=m.image_size, comm=comm).floored(min_std)
     splits = tuple(m.splits)
     fields = ("label", "subject", "slice", *(("image",) if m.has_image else ()))
     scored = _score(source, splits, moments, comm, keep=_Keep(out, threshold, fields, m.classes))
@@ -252,7 +260,7 @@ def filter_store(real: Path, synthetic: Path, out: Path, *, threshold: float = 5
     writer.finish(kind="synthetic", image_size=m.image_size, has_image=m.has_image, shard_counts=shard_counts,
                   reduced_fraction=m.reduced_fraction, modality=m.modality,
                   provenance={"filter": "zscore", "real": str(Path(real).resolve()),
-                              "synthetic": str(Path(synthetic).resolve()), "reduced": reduced,
+                              "synthetic": str(Path(synthetic).resolve()), "reduced": reduced, "min_std": min_std,
                               "real_masks": moments.count, "source": m.provenance, **summary})
     log.info("zscore filter: kept %d, dropped %d (%.1f %%)", kept_total, total - kept_total, summary["dropped_percent"])
     return {**summary, "ranks": comm.Get_size(), "csv": str(out / "zscore.csv")}
@@ -265,7 +273,7 @@ def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple[Any, ...]])
 
 
 def calibrate(real: Path, synthetic: Path, out_dir: Path, *, thresholds: np.ndarray | None = None,
-              reduced: bool = False, comm: Any = None) -> dict[str, Any]:
+              reduced: bool = False, min_std: float = 0.0, comm: Any = None) -> dict[str, Any]:
     """Drop fractions versus threshold, for the synthetic masks and for real masks the statistics did not see.
 
     The real curve scores the non-empty masks of the real store's *validation* split against the training
@@ -276,7 +284,7 @@ def calibrate(real: Path, synthetic: Path, out_dir: Path, *, thresholds: np.ndar
     collective over ``comm``, rank 0 returns the summary, other ranks ``{}``.
     """
     comm = _world(comm)
-    moments = real_moments(real, reduced=reduced, size=Store(synthetic).manifest.image_size, comm=comm)
+    moments = real_moments(real, reduced=reduced, size=Store(synthetic).manifest.image_size, comm=comm).floored(min_std)
     synth = _score(Store(synthetic), tuple(Store(synthetic).manifest.splits), moments, comm)
     held_out = _score(Store(real), ("val",), moments, comm, drop_empty=True)
     if synth is None or held_out is None:

@@ -85,7 +85,8 @@ class Progress:
 
 @dataclass(frozen=True)
 class LoopResult:
-    """How :func:`run` ended: ``done`` (DONE written) or ``preempted`` (checkpoint saved, run again to continue)."""
+    """How :func:`run` ended: ``done`` (DONE written) or ``preempted`` (checkpoint saved, run again to continue;
+    ``metrics["signal"]`` is the signal that asked, None on a rank that stopped because another rank was signalled)."""
 
     status: str
     metrics: dict[str, Any]
@@ -97,12 +98,14 @@ class StopRequest:
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> None:
         self.requested = False
+        self.signum: int | None = None  # the signal that asked, so the job layer knows who ends the job
         for sig in signals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         log.warning("signal %d: checkpointing at the end of this step", signum)
         self.requested = True
+        self.signum = signum
 
 
 class MetricsLog:
@@ -201,7 +204,8 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, dist: Dist, *, config: dict[
                     save()
                     last_save = time.monotonic()
                 if stop_now:
-                    return LoopResult("preempted", {"step": progress.step, "epoch": progress.epoch}, resumed)
+                    return LoopResult("preempted", {"step": progress.step, "epoch": progress.epoch,
+                                                    "signal": stop.signum if stop else None}, resumed)
             values = task.evaluate(progress.epoch)
             if values.get("val_loss", math.inf) < progress.best:
                 progress.best = values["val_loss"]
