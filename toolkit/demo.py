@@ -9,7 +9,7 @@ slurm/local/start.sh, or a real one with ``--profile``) and waits for them. Ever
 of the demo resumes.
 
 The filter threshold is the paper's 500 scaled to the demo's size: the norm sums over pixels, so for masks that
-deviate alike it grows with the square root of the pixel count (500 × 64/256 = 125 at 64²). The demo's 10-kimg PGAN
+deviate alike it grows with the square root of the pixel count (500 × 64/256 = 125 at 64²). The demo's 16-kimg PGAN
 (the paper trains 12,000 kimg) leaves stray pixels on the image border, where every real mask is background (σ = 0),
 so the strict σ = 0 rule would drop every mask; the demo floors σ at 0.1 (``--min-std``) and its report gives both
 drop rates, with the strict rule's calibration curve.
@@ -162,7 +162,7 @@ def _report(config: DemoConfig, out: Path, table: dict[str, Any], calibration: d
         f"Threshold {config.threshold:g} (the paper's 500 at 256², scaled by √pixels), σ floored at "
         f"{config.min_std:g}: kept {kept['kept']}, dropped {kept['dropped']} (**{kept['dropped_percent']:.2f} %**; "
         f"the paper dropped 0.597 % and 1.882 %). The strict σ = 0 rule would drop "
-        f"{100 * calibration['strict_dropped']:.1f} % at this threshold: the demo PGAN (10 kimg; the paper's ran "
+        f"{100 * calibration['strict_dropped']:.1f} % at this threshold: the demo PGAN (16 kimg; the paper's ran "
         f"12,000) leaves stray pixels on the image border, where every real mask is background. Its calibration "
         f"curve (real validation vs. synthetic masks, strict rule) is in calibration/; suggested threshold "
         + (f"{calibration['suggested_threshold']:.1f}." if calibration["suggested_threshold"] is not None

@@ -192,3 +192,14 @@ def test_load_labels_errors_name_the_file(tmp_path):
         assert str(tmp_path / name) in str(info.value)
     with pytest.raises(LabelIOError, match="not a 4-class"):
         load_labels(tmp_path / "big.npy", classes=4)
+
+
+def test_a_split_without_rows_mixes_in_as_nothing(stores, tmp_path):
+    """E.g. a synthetic store whose every mask the filter dropped: serving it adds no rows and breaks nothing."""
+    empty = StoreWriter(tmp_path / "empty", classes=7)
+    empty.finish(kind="synthetic", image_size=SIZE, has_image=True, shard_counts={"train": 0})
+    real = SliceDataset([Source(stores["real"][0], "train", n=5)])
+    mixed = SliceDataset([Source(stores["real"][0], "train", n=5), Source(tmp_path / "empty", "train")])
+    assert len(mixed) == 5 and mixed._local.dtype.kind == "i"
+    assert mixed.intensity_stats() == real.intensity_stats()
+    np.testing.assert_array_equal(mixed.class_pixels(), real.class_pixels())

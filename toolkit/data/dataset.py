@@ -128,8 +128,8 @@ class SliceDataset(Dataset):
             count = split.n if source.n is None else source.n
         if count > split.n:
             raise DatasetError(f"{store.root}: asked for {count} rows of split '{source.split}', which has {split.n}")
-        ends = np.cumsum([sh.n for sh in split.shards])
-        starts = ends - [sh.n for sh in split.shards]
+        ends = np.cumsum([sh.n for sh in split.shards], dtype=np.int64)  # int even for a split without shards
+        starts = ends - np.array([sh.n for sh in split.shards], dtype=np.int64)
         rows = np.arange(count, dtype=np.int64)
         first = len(self._paths)
         self._paths.extend(path for _, path in store.shards(source.split))

@@ -113,6 +113,9 @@ class UNetTask:
         real = Source(d.real, "train", n=d.real_n)
         sources = [real] if d.synthetic is None else [real, Source(d.synthetic, "train", n=d.synthetic_n)]
         self.train_set = SliceDataset(sources, classes=d.classes)
+        if len(self.train_set) < cfg.optim.batch:
+            raise ValueError(f"{self.train_set.describe()} training rows (from {[str(s.store) for s in sources]}): "
+                             f"fewer than one batch of {cfg.optim.batch}")
         self.val_set = SliceDataset([Source(d.real, d.val_split)], classes=d.classes)
         stats_set = self.train_set if d.stats_from == "all" else SliceDataset([real], classes=d.classes)
         peak, mean = stats_set.intensity_stats()
