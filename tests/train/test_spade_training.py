@@ -61,6 +61,9 @@ def test_training_writes_generator_samples_and_metrics(spade_run, store_64):
     losses = [line for line in lines if "loss_d_real" in line]
     assert losses and all(np.isfinite(line["loss_g_feat"]) for line in losses)
     assert [line["epoch"] for line in lines if "val_l1" in line] == [0, 1]
+    done = json.loads((run_dir / "DONE").read_text())
+    assert done["epochs"] == 2 and done["step"] == lines[-1]["step"]
+    assert done["best_val"] is None  # no validation loss: null, as strict JSON has no Infinity
 
 
 def test_killed_run_resumes_bit_identically(spade_run, tmp_path, latest_task_state):

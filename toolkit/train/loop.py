@@ -218,7 +218,9 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, dist: Dist, *, config: dict[
             last_save = time.monotonic()
     finally:
         metrics.close()
-    final = {"step": progress.step, "epochs": progress.epoch, "best_val": progress.best}
+    # best_val is null for runs without a validation loss (GANs): JSON has no Infinity
+    final = {"step": progress.step, "epochs": progress.epoch,
+             "best_val": progress.best if math.isfinite(progress.best) else None}
     if dist.is_main:
         write_json(run_dir / "DONE", final)
     dist.barrier()
