@@ -77,6 +77,7 @@ def executor(cluster: str, profile: Profile, folder: Path, *, tasks: int | None 
             additional["constraint"] = profile.constraint
         if after:
             additional["dependency"] = "afterok:" + ":".join(after)
+            additional["kill-on-invalid-dep"] = "yes"  # a failed parent cancels the job instead of leaving it queued
         params.update(slurm_signal_delay_s=profile.signal_delay_s, slurm_array_parallelism=profile.array_parallelism,
                       slurm_additional_parameters=additional, slurm_setup=list(profile.setup))
         if profile.partition:

@@ -8,15 +8,17 @@ Per branch (``full`` trains the generators on the whole real training split, ``r
 The sweep file's variables ``real``, ``synthetic_full``, ``synthetic_reduced`` (and ``synthetic``, the first
 branch's store) are set to the pipeline's stores. On ``slurm`` every step is a job that waits for its parents
 (``--dependency=afterok``), MPI steps run their ranks under ``srun --mpi=pmix``, and the sweep is one job array; the
-call returns once everything is queued. On ``local`` the steps run here, in order, MPI steps under ``mpirun``. Either
-way a step whose output is complete is skipped, so running a pipeline again resumes it (and the jobs themselves resume
-from their checkpoints and finished shards). Everything lives under ``out``: ``store/``, ``runs/{pgan,spade}-<b>/``,
-``stores/{masks,kept,synthetic}-<b>/``, ``sweep/`` and ``.pipeline/`` (pickled jobs for mpirun, submitit logs,
-``jobs.json`` with the job ids).
+call returns once everything is queued (a job whose parent fails is cancelled, not left waiting). On ``local`` the
+steps run here, in order, MPI steps under ``mpirun``. Either way a step whose output is complete is skipped (and on
+``slurm`` one whose job from an earlier run is still queued keeps that job), so running a pipeline again resumes it;
+the jobs themselves resume from their checkpoints and finished shards. Everything lives under ``out``: ``store/``,
+``runs/{pgan,spade}-<b>/``, ``stores/{masks,kept,synthetic}-<b>/``, ``sweep/`` and ``.pipeline/`` (pickled jobs for
+mpirun, submitit logs, ``jobs.json`` with the job ids).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import subprocess
@@ -34,6 +36,7 @@ from jobs.generate import GenerateImagesJob, GenerateMasksJob
 from jobs.prepare import PrepareJob
 from jobs.train import TrainJob
 from toolkit.atomic import write_bytes, write_json
+from toolkit.cluster import slurmctl
 from toolkit.cluster.executors import executor, load_profile
 from toolkit.cluster.sweep import Sweep
 from toolkit.data.prepare import PrepareConfig
@@ -136,10 +139,15 @@ def run_pipeline(cfg: PipelineConfig, cluster: str, *, sweep_timeout: float = 24
     state.mkdir(parents=True, exist_ok=True)
     submitted: dict[str, str] = {}
     seconds: dict[str, float] = {}
+    queued = _still_queued(state) if cluster == "slurm" else {}
     for step in steps(cfg, cluster):
         if step.done():
             log.info("pipeline: %s is complete, skipped", step.name)
             submitted[step.name] = "done"
+            continue
+        if step.name in queued:  # a job of an earlier `pipeline run` is still pending or running: keep it
+            submitted[step.name] = queued[step.name]
+            log.info("pipeline: %s is still queued as job %s", step.name, queued[step.name])
             continue
         if cluster == "local":
             log.info("pipeline: running %s", step.name)
@@ -158,14 +166,25 @@ def run_pipeline(cfg: PipelineConfig, cluster: str, *, sweep_timeout: float = 24
     variables = {"real": str((out / "store").resolve()), "synthetic": stores[f"synthetic_{cfg.branches[0]}"], **stores}
     sweep = Sweep.create(Path(cfg.sweep), out / "sweep", cluster, cfg.profile, tuple(cfg.sweep_set),
                          tuple(f"{k}={v}" for k, v in variables.items()))
-    pending = [row["name"] for row in sweep.status() if row["state"] != "done"]
+    pending = [row["name"] for row in sweep.status() if row["state"] in ("not started", "preempted", "failed")]
     begin = time.perf_counter()
     ids = sweep.submit(pending, after=images or None, timeout=sweep_timeout) if pending else []
     if cluster == "local" and ids:
         seconds["sweep"] = time.perf_counter() - begin
-    submitted["sweep"] = ",".join(ids) if ids else "done"
+    submitted["sweep"] = ",".join(ids) if ids else ("done" if not pending and all(
+        row["state"] == "done" for row in sweep.status()) else "queued earlier")
     write_json(state / "jobs.json", submitted)
     return {"jobs": submitted, "seconds": seconds}
+
+
+def _still_queued(state: Path) -> dict[str, str]:
+    """Steps whose job from an earlier run (``jobs.json``) SLURM still holds as pending or running."""
+    path = state / "jobs.json"
+    if not path.exists():
+        return {}
+    earlier = {k: v for k, v in json.loads(path.read_text()).items() if k != "sweep" and v not in ("done", "ran")}
+    live = slurmctl.job_states(earlier.values()) if earlier else {}
+    return {name: job for name, job in earlier.items() if live.get(job) not in (None, *slurmctl.FINISHED)}
 
 
 def _run_local(step: Step, state: Path) -> None:
