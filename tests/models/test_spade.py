@@ -150,3 +150,14 @@ def test_uint16_round_trip_through_the_unit_range():
     raw = torch.arange(0, 4096, dtype=torch.float32)
     assert torch.equal(to_uint16(to_unit(raw, peak), peak), raw.to(torch.int32))
     assert to_uint16(torch.tensor([-1.5, 1.5]), peak).tolist() == [0, 4095]  # clipped to the trained range
+
+
+def test_bench_spade_reports_the_design_keys_and_consistent_flops():
+    from toolkit.bench.spade import bench_spade
+
+    result = bench_spade(TINY, batch=2, steps=1, warmup=1)
+    assert {"model", "device", "params_g", "params_d", "gflop_per_image_fwd", "img_per_s", "tflops"} <= result.keys()
+    assert result["params_g"] == sum(p.numel() for p in SPADEGenerator(TINY).parameters())
+    assert result["img_per_s"] > 0 and result["inference_img_per_s"] > 0
+    assert result["gflop_per_image_train"] > 4 * result["gflop_per_image_fwd"]  # plus the discriminator's share
+    assert result["tflops"] == pytest.approx(result["gflop_per_image_train"] * result["img_per_s"] / 1e3)

@@ -1,5 +1,6 @@
 """`tumorsynth bench spade`: parameter counts of G and D, training and inference images/s of SPADE on random masks.
 
+``tflops`` counts a training iteration as 4 G forwards and 12 D forwards per image (see :func:`bench_spade`).
 One timed training step is the trainer's :func:`toolkit.train.spade.train_iteration`: a G step (G forward, D on fake
 and real, hinge + feature matching, backward through D into G, Adam) and a D step (G forward without gradients, D on
 both, backward, Adam). Inference is the generator alone in eval mode. AMP (bf16) and channels_last default to on for
@@ -12,6 +13,7 @@ import logging
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from toolkit.bench.timing import time_steps
 from toolkit.bench.unet import forward_flops
@@ -40,6 +42,10 @@ def bench_spade(config: SPADEConfig | None = None, *, device: str = "cpu", batch
     G = SPADEGenerator(config).to(dev, memory_format=memory_format)
     D = MultiscaleDiscriminator(config).to(dev, memory_format=memory_format)
     flops = forward_flops(G, config.label_nc, config.resolution, dev)
+    d_flops = _discriminator_flops(D, config, dev)
+    # Per image and iteration: G forward + backward (≈ 3 forwards) and a gradient-free G forward; D forward and
+    # backward on the fake and the real image, in both the G and the D step (2 steps × 2 images × 3 forwards).
+    train_flops = 4 * flops + 12 * d_flops
     o = SPADEOptimConfig()
     opt_G = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
     opt_D = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
@@ -65,6 +71,17 @@ def bench_spade(config: SPADEConfig | None = None, *, device: str = "cpu", batch
     log.info("spade: %.2f img/s training, %.2f img/s inference (batch %d, %d², %s)", img_per_s,
              batch * steps / infer_s, batch, size, dev)
     return {"model": "spade", "device": str(dev), "params_g": count_parameters(G), "params_d": count_parameters(D),
-            "gflop_per_image_fwd": flops / 1e9, "img_per_s": img_per_s, "inference_img_per_s": batch * steps / infer_s,
+            "gflop_per_image_fwd": flops / 1e9, "gflop_per_image_train": train_flops / 1e9, "img_per_s": img_per_s,
+            "tflops": train_flops * img_per_s / 1e12, "inference_img_per_s": batch * steps / infer_s,
             "batch": batch, "size": size, "amp": amp, "channels_last": channels_last, "compile": compile,
             "steps": steps, "train_step_ms": 1e3 * train_s / steps}
+
+
+def _discriminator_flops(D: MultiscaleDiscriminator, config: SPADEConfig, device: torch.device) -> int:
+    """FLOPs of one multiscale-discriminator forward of a single (mask, image) pair, as ``FlopCounterMode`` counts."""
+    size = config.resolution
+    segmap = torch.zeros(1, config.label_nc, size, size, device=device)
+    image = torch.zeros(1, config.out_channels, size, size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        D(segmap, image)
+    return counter.get_total_flops()
