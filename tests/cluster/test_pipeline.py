@@ -65,3 +65,22 @@ def test_local_pipeline_runs_every_step_then_skips_them(store_64, tmp_path):
     again = run_pipeline(cfg, "local")["jobs"]
     assert set(again.values()) == {"done"}  # every step and the sweep are complete
 
+
+
+def test_the_paper_pipeline_config_builds_both_branches_in_dependency_order():
+    from toolkit.cluster.pipeline import steps
+    from toolkit.config import load
+
+    cfg = load(PipelineConfig, "configs/pipeline/paper.yaml")
+    local, slurm = steps(cfg, "local"), steps(cfg, "slurm")
+    names = [s.name for s in local]
+    assert len(names) == 13 and names[0] == "prepare"
+    for step in local:  # every parent comes earlier
+        assert all(names.index(parent) < names.index(step.name) for parent in step.after), step.name
+    by_name = {s.name: s for s in slurm}
+    assert by_name["images-reduced"].after == ("filter-reduced", "spade-reduced")
+    assert by_name["filter-reduced"].job.reduced and not by_name["filter-full"].job.reduced
+    assert "data.reduced=true" in by_name["pgan-reduced"].job.overrides
+    # the v100 profile's 2 tasks: DDP training on SLURM, one process locally; MPI steps take cfg.ranks
+    assert by_name["pgan-full"].tasks == 2 and by_name["pgan-full"].job.backend == "ddp"
+    assert {s.name: s.tasks for s in local}["pgan-full"] == 1 and by_name["swd-full"].tasks == cfg.ranks == 4
