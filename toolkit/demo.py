@@ -164,7 +164,8 @@ def _report(config: DemoConfig, out: Path, table: dict[str, Any], calibration: d
         f"the paper dropped 0.597 % and 1.882 %). The strict σ = 0 rule would drop "
         f"{100 * calibration['strict_dropped']:.1f} % at this threshold: the demo PGAN (16 kimg; the paper's ran "
         f"12,000) leaves stray pixels on the image border, where every real mask is background. Its calibration "
-        f"curve (real validation vs. synthetic masks, strict rule) is in calibration/; suggested threshold "
+        f"curve (real validation vs. synthetic masks, strict rule) is in calibration/, examples of dropped masks in "
+        f"stores/kept-full/dropped.png; suggested threshold (strict rule) "
         + (f"{calibration['suggested_threshold']:.1f}." if calibration["suggested_threshold"] is not None
            else "none (no threshold keeps 99 % of real masks)."), "",
         "## SPADE (configs/demo-spade.yaml)", "",

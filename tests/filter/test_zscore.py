@@ -116,6 +116,7 @@ def test_filter_keeps_exactly_the_rows_within_the_threshold(stores, tmp_path):
         np.testing.assert_array_equal(rows["label"], labels[keep])
         np.testing.assert_array_equal(rows["image"], labels[keep].astype(np.uint16) * 100 + 7)
         assert [s.decode() for s in rows["subject"]] == [f"{split}{i}" for i in np.flatnonzero(keep)]
+    assert result["figure"] == str(out / "dropped.png") and (out / "dropped.png").stat().st_size > 0
     provenance = kept.manifest.provenance
     assert provenance["threshold"] == threshold and provenance["reduced"] is False
     assert provenance["kept"] == result["kept"] and provenance["synthetic"] == str(stores["synthetic"].resolve())

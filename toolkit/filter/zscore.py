@@ -17,7 +17,8 @@ accumulated per shard in fixed 256-row blocks and merged in shard order after on
 bit-identical statistics (merging per-rank partials in rank order would differ in the last bits with the rank count),
 hence identical norms and decisions. One pass: each rank scores its shards and writes each one's kept rows as the
 output shard of the same number (bounded memory, parallel writes, bytes independent of the rank count); rank 0 gathers
-the norms and shard infos and writes the CSV, then the manifest, last. A killed filter leaves no manifest; run it again.
+the norms and shard infos and writes the CSV and ``dropped.png`` (examples of dropped masks with their norms, as the
+paper's Fig. 4), then the manifest, last. A killed filter leaves no manifest; run it again.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ import numpy as np
 from toolkit.atomic import atomic_path, write_bytes
 from toolkit.data.labels import reduce_labels
 from toolkit.data.store import MANIFEST, ShardInfo, Store, StoreError, StoreWriter, shard_name, write_shard
+from toolkit.report.figures import row_grid
 
 log = logging.getLogger(__name__)
 
+DROPPED = "dropped.png"  # examples of dropped masks, written beside zscore.csv
 BLOCK = 256  # rows held in memory at a time: 256 × 256² float64 is 128 MiB
 MAX_REAL_DROP = 0.01  # calibration: the suggested threshold drops at most 1 % of real masks
 
@@ -255,15 +258,28 @@ def filter_store(real: Path, synthetic: Path, out: Path, *, threshold: float = 5
     kept_total = sum(row[-1] for row in csv_rows)
     summary = {"kept": kept_total, "dropped": total - kept_total,
                "dropped_percent": 100.0 * (total - kept_total) / total if total else 0.0, "threshold": threshold}
-    # The CSV goes before the manifest, which is written last: a complete store always has its CSV.
+    # The CSV and the figure go before the manifest, which is written last: a complete store always has both.
     _write_csv(out / "zscore.csv", ("split", "row", "subject", "slice", "norm", "kept"), csv_rows)
+    _dropped_grid(source, [(r[0], r[1], float(r[4])) for r in csv_rows if not r[5]], out / DROPPED)
     writer.finish(kind="synthetic", image_size=m.image_size, has_image=m.has_image, shard_counts=shard_counts,
                   reduced_fraction=m.reduced_fraction, modality=m.modality,
                   provenance={"filter": "zscore", "real": str(Path(real).resolve()),
                               "synthetic": str(Path(synthetic).resolve()), "reduced": reduced, "min_std": min_std,
                               "real_masks": moments.count, "source": m.provenance, **summary})
     log.info("zscore filter: kept %d, dropped %d (%.1f %%)", kept_total, total - kept_total, summary["dropped_percent"])
-    return {**summary, "ranks": comm.Get_size(), "csv": str(out / "zscore.csv")}
+    return {**summary, "ranks": comm.Get_size(), "csv": str(out / "zscore.csv"),
+            "figure": str(out / DROPPED) if (out / DROPPED).exists() else None}
+
+
+def _dropped_grid(source: Store, dropped: list[tuple[str, int, float]], path: Path, columns: int = 8) -> None:
+    """Up to ``columns`` dropped masks, evenly spread from the largest norm down, with their norms (paper Fig. 4)."""
+    if not dropped:
+        return
+    ranked = sorted(dropped, key=lambda d: -d[2])
+    picks = [ranked[i] for i in sorted({round(k) for k in np.linspace(0, len(ranked) - 1, min(columns, len(ranked)))})]
+    labels = np.stack([source.read(split, row, row + 1)["label"][0] for split, row, _ in picks])
+    row_grid([("dropped", labels, True)], path, f"{len(dropped)} dropped masks (examples)",
+             [f"‖z‖ = {norm:.0f}" if np.isfinite(norm) else "‖z‖ = ∞ (σ = 0)" for _, _, norm in picks])
 
 
 def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
