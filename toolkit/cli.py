@@ -463,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tumorsynth` console script."""
+    from toolkit.cluster.executors import ClusterError
     from toolkit.data.labelio import LabelIOError
     from toolkit.data.nifti import NiftiError
     from toolkit.data.prepare import PrepareError
@@ -476,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (PrepareError, StoreError, NiftiError, LabelIOError, ValueError, FileNotFoundError, FileExistsError,
-            TimeoutError) as err:
+            TimeoutError, ClusterError) as err:
         print(f"tumorsynth: error: {err}", file=sys.stderr)
         return 2
 

@@ -2,6 +2,7 @@
 running members, status from run directories, the report (bold best per column, mean ± sd, missing cells)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -94,3 +95,16 @@ def test_table1_bolds_the_best_of_each_column_and_shows_spread_and_gaps(tmp_path
     assert "| real | 32.00 ± 2.83 | **10.00** |" in lines
     assert "| mixed | **20.00** | – |" in lines
     assert (tmp_path / "t.csv").read_text().splitlines()[1] == "real,7,32.0,2.8284271247461903,2"
+
+
+def test_bad_sweep_file_or_unreachable_slurm_fail_cleanly_and_write_nothing(tmp_path, base):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [\n")
+    done = subprocess.run([*CLI, "sweep", "submit", str(bad), "--out", str(tmp_path / "a")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "bad.yaml: not valid YAML" in done.stderr and not (tmp_path / "a").exists()
+    spec = _write_sweep(tmp_path / "s.yaml", base)
+    env = {**os.environ, "SLURM_CONF": str(tmp_path / "no-such-slurm.conf")}
+    done = subprocess.run([*CLI, "sweep", "submit", str(spec), "--cluster", "slurm", "--out", str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and "no SLURM controller" in done.stderr and not (tmp_path / "b").exists()

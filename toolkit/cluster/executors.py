@@ -17,10 +17,15 @@ from typing import Any
 import submitit
 
 from toolkit import config as configs
+from toolkit.cluster import slurmctl
 
 log = logging.getLogger(__name__)
 
 PROFILES = Path(__file__).resolve().parents[2] / "slurm" / "profiles"
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot take jobs (no SLURM commands, or no controller answering)."""
 CLUSTERS = ("local", "slurm")
 
 
@@ -64,6 +69,9 @@ def executor(cluster: str, profile: Profile, folder: Path, *, tasks: int | None 
     """
     if cluster not in CLUSTERS:
         raise ValueError(f"--cluster must be one of {CLUSTERS}, got {cluster!r}")
+    if cluster == "slurm" and not slurmctl.available():
+        raise ClusterError("--cluster slurm: no SLURM controller answers `scontrol ping` (is SLURM_CONF set? for the "
+                           "local test cluster: slurm/local/start.sh, then source /tmp/tumorsynth-slurm/env.sh)")
     if tasks is not None:
         profile = replace(profile, tasks_per_node=tasks)
     ex = submitit.AutoExecutor(folder=folder, cluster=cluster)

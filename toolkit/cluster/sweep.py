@@ -40,7 +40,7 @@ from jobs.train import TrainJob
 from toolkit import config as configs
 from toolkit.atomic import write_json
 from toolkit.cluster import slurmctl
-from toolkit.cluster.executors import Profile, executor, load_profile
+from toolkit.cluster.executors import ClusterError, Profile, executor, load_profile
 from toolkit.report.tables import table1
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,10 @@ def load_spec(path: Path, sets: tuple[str, ...] = (), variables: tuple[str, ...]
     ``name=value`` variables (over the file's ``vars``); every member's config is checked now, so a typo fails before
     anything is submitted."""
     path = Path(path)
-    doc = yaml.safe_load(path.read_text())
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise configs.ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(doc, dict) or "grid" not in doc:
         raise configs.ConfigError(f"{path}: a sweep needs a 'grid' mapping")
     names = {**(doc.pop("vars", None) or {}), **_parse_sets(variables)}
@@ -164,6 +167,8 @@ class Sweep:
         """Write a new sweep directory for ``spec_path`` (an existing one of the same file is reopened as it is; one
         of another sweep is refused)."""
         spec = load_spec(spec_path, sets, variables)
+        if cluster == "slurm" and not slurmctl.available():  # before anything is written
+            raise ClusterError("--cluster slurm: no SLURM controller answers `scontrol ping` (is SLURM_CONF set?)")
         root = Path(root)
         if (root / SWEEP).exists():
             previous = json.loads((root / SWEEP).read_text())
