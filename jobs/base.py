@@ -1,4 +1,4 @@
-"""What every job shares: resume-from-disk semantics, submitit's checkpoint protocol, and rank set-up.
+"""What every job shares: resume-from-disk semantics, submitit's checkpoint protocol, start and failure logs.
 
 A job is a frozen dataclass holding only its configuration (paths and overrides); calling it does the step, resuming
 from whatever its output already holds (run directories resume from the newest complete checkpoint, stores skip
@@ -33,23 +33,6 @@ ATTEMPTS = "attempts.jsonl"
 ERROR = "ERROR"
 
 
-def set_rank_environment() -> None:
-    """Expose submitit's view of the task (local or SLURM executor) as torchrun's variables, for DDP rendezvous.
-
-    Under SLURM ``toolkit.train.distributed`` reads SLURM's variables itself; the local executor has no SLURM
-    variables, so RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT come from submitit's job environment.
-    """
-    try:
-        env = submitit.JobEnvironment()
-    except RuntimeError:
-        return  # not inside a submitit job (called directly): nothing to set
-    if env.num_tasks <= 1 or "SLURM_PROCID" in os.environ:
-        return
-    os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank))
-    os.environ.setdefault("MASTER_ADDR", env.hostnames[0] if env.hostnames else "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(20000 + sum(map(ord, str(env.job_id))) % 20000))
-
-
 def store_log_dir(store: Path) -> Path:
     """The log folder of a job that writes the store ``store``: ``.<name>.job`` beside it."""
     store = Path(store)
@@ -74,7 +57,6 @@ class Job:
                                      "array_task": os.environ.get("SLURM_ARRAY_TASK_ID"),
                                      "host": socket.gethostname(), "rank": os.environ.get("SLURM_PROCID", "0")})
                          + "\n")
-        set_rank_environment()
         try:
             result = self.run()
         except Exception:

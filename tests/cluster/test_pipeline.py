@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,6 +13,7 @@ import yaml
 from toolkit.cluster.pipeline import PipelineConfig, TrainStep, run_pipeline
 from toolkit.data.store import Store
 
+REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "toolkit.cli"]
 
 
@@ -71,7 +73,7 @@ def test_the_paper_pipeline_config_builds_both_branches_in_dependency_order():
     from toolkit.cluster.pipeline import steps
     from toolkit.config import load
 
-    cfg = load(PipelineConfig, "configs/pipeline/paper.yaml")
+    cfg = load(PipelineConfig, REPO / "configs" / "pipeline" / "paper.yaml")
     local, slurm = steps(cfg, "local"), steps(cfg, "slurm")
     names = [s.name for s in local]
     assert len(names) == 13 and names[0] == "prepare"

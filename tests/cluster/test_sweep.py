@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,11 +15,12 @@ from toolkit.cluster.sweep import Sweep, load_spec, members
 from toolkit.config import ConfigError
 from toolkit.report.tables import table1
 
+REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "toolkit.cli"]
 
 
 def test_the_paper_sweep_has_21_members_with_the_papers_mixes():
-    spec = load_spec("configs/sweeps/table1.yaml", variables=("real=/data/real",))
+    spec = load_spec(REPO / "configs" / "sweeps" / "table1.yaml", variables=("real=/data/real",))
     rows = members(spec)
     assert len(rows) == 21 and len({r["name"] for r in rows}) == 21
     mixes = {(r["labels"]["mix"], r["labels"]["classes"]) for r in rows}

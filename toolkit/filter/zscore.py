@@ -34,10 +34,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from toolkit.atomic import atomic_path, write_bytes
+from toolkit.atomic import write_bytes
 from toolkit.data.labels import reduce_labels
 from toolkit.data.store import MANIFEST, ShardInfo, Store, StoreError, StoreWriter, shard_name, write_shard
-from toolkit.report.figures import row_grid
+from toolkit.report.figures import row_grid, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +330,7 @@ def calibrate(real: Path, synthetic: Path, out_dir: Path, *, thresholds: np.ndar
 
 def _plot(thresholds: np.ndarray, real_drop: np.ndarray, synth_drop: np.ndarray, suggested: float | None,
           path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display on cluster nodes
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # toolkit.report.figures selected the file-only Agg backend
 
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(thresholds, 100 * real_drop, label="real (validation)")
@@ -343,6 +340,4 @@ def _plot(thresholds: np.ndarray, real_drop: np.ndarray, synth_drop: np.ndarray,
     ax.set(xlabel="threshold on ‖z‖₂", ylabel="masks dropped (%)")
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -14,6 +14,14 @@ import numpy as np
 from toolkit.atomic import atomic_path
 
 
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Write ``fig`` to ``path`` as PNG atomically and free it; returns ``path``."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return path
+
+
 def row_grid(rows: list[tuple[str, np.ndarray, bool]], path: Path, title: str = "",
              column_titles: list[str] | None = None) -> Path:
     """Save a grid with one row per ``(name, images, is_label)`` and one column per slice; returns ``path``.
@@ -34,10 +42,7 @@ def row_grid(rows: list[tuple[str, np.ndarray, bool]], path: Path, title: str = 
         axes[0, col].set_title(text, fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def segmentation_grid(images: np.ndarray, predictions: np.ndarray, truths: np.ndarray, classes: int,
@@ -57,10 +62,7 @@ def sample_grid(labels: np.ndarray, path: Path, title: str = "", columns: int = 
         ax.imshow(label, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def curve(x: list[float], y: list[float], path: Path, *, xlabel: str, ylabel: str, mark: float | None = None) -> Path:
@@ -72,7 +74,4 @@ def curve(x: list[float], y: list[float], path: Path, *, xlabel: str, ylabel: st
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.atomic import atomic_path, write_bytes
+from toolkit.atomic import write_bytes
+from toolkit.report.figures import save_figure
 
 
 def mean_sd(values: list[float]) -> tuple[float, float | None]:
@@ -60,10 +61,7 @@ def table1(results: list[dict[str, Any]], *, rows: str, columns: str, row_order:
 
 def _plot(cells: dict[str, dict[str, dict[str, Any]]], row_order: list[str], column_order: list[str], columns: str,
           title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # toolkit.report.figures selected the file-only Agg backend
 
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(row_order) * len(column_order) / 2, 3.2))
     width = 0.8 / max(1, len(column_order))
@@ -77,6 +75,4 @@ def _plot(cells: dict[str, dict[str, dict[str, Any]]], row_order: list[str], col
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
