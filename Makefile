@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 DEMO    ?= demo-out
 APT_PKGS := openmpi-bin libopenmpi-dev
 
-.PHONY: all setup system-deps demo demo-slurm test lint bench clean
+.PHONY: all setup system-deps extras horovod demo demo-slurm test lint bench clean
 
 all: test
 
@@ -34,6 +34,57 @@ $(STAMP): setup.py | system-deps
 
 setup: $(STAMP)
 
+# The optional stacks `make test` covers too: TensorFlow/Keras (extra `keras`), ONNX (extra `onnx`) and Horovod.
+EXTRAS_STAMP := $(VENV)/.extras
+$(EXTRAS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,keras,onnx]'
+	@touch $(EXTRAS_STAMP)
+
+extras: $(EXTRAS_STAMP)
+
+# Horovod 0.28.1 for PyTorch (MPI + Gloo; no TensorFlow/MXNet ops), built from its sdist. Its CMake files ask for C++14,
+# which torch >= 2.1's headers reject, so both are raised to C++17. Python <= 3.11 (its build uses distutils). The wheel
+# is cached per torch version in $(WHEELHOUSE), so a later venv installs it in seconds. If the build fails, the reason
+# lands in $(HOROVOD_STATUS), which the Horovod tests print when they skip.
+HOROVOD_VERSION := 0.28.1
+WHEELHOUSE ?= $(HOME)/.cache/tumorsynth/wheels
+HOROVOD_STATUS := $(VENV)/.horovod-unavailable
+define build_horovod
+set -e; \
+py=$(BIN)/python; \
+if $$py -c 'import horovod.torch' 2>/dev/null; then rm -f $(HOROVOD_STATUS); exit 0; fi; \
+fail() { echo "$$1" > $(HOROVOD_STATUS); echo "make horovod: $$1" >&2; exit 1; }; \
+$$py -c 'import sys; sys.exit(sys.version_info >= (3, 12))' || fail "Horovod $(HOROVOD_VERSION) builds on Python <= 3.11 only"; \
+torch=$$($$py -c 'import torch; print(torch.__version__)'); \
+house=$(WHEELHOUSE)/torch-$$torch; mkdir -p $$house; \
+wheel=$$(ls $$house/horovod-$(HOROVOD_VERSION)-*.whl 2>/dev/null | head -n 1); \
+if [ -z "$$wheel" ]; then \
+  command -v cmake >/dev/null || $$py -m pip install -q cmake || fail "no cmake and pip could not install it"; \
+  command -v mpicxx >/dev/null || fail "no MPI compiler wrapper (mpicxx): install libopenmpi-dev"; \
+  $$py -m pip install -q cloudpickle psutil pyyaml packaging || fail "pip could not install Horovod's build deps"; \
+  src=$$(mktemp -d); trap 'rm -rf $$src' EXIT; \
+  $$py -m pip download -q --no-deps --no-binary :all: -d $$src horovod==$(HOROVOD_VERSION) \
+    || fail "pip could not download the horovod==$(HOROVOD_VERSION) sdist"; \
+  tar -xzf $$src/horovod-$(HOROVOD_VERSION).tar.gz -C $$src; \
+  sed -i 's/CMAKE_CXX_STANDARD 14/CMAKE_CXX_STANDARD 17/' $$src/horovod-$(HOROVOD_VERSION)/CMakeLists.txt \
+    $$src/horovod-$(HOROVOD_VERSION)/horovod/torch/CMakeLists.txt; \
+  echo "building Horovod $(HOROVOD_VERSION) against torch $$torch (a few minutes; log: $$house/build.log)"; \
+  start=$$(date +%s); \
+  HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITH_MPI=1 \
+    HOROVOD_WITH_GLOO=1 MAKEFLAGS=-j$$(nproc) \
+    $$py -m pip wheel --no-deps --no-build-isolation -w $$house $$src/horovod-$(HOROVOD_VERSION) > $$house/build.log 2>&1 \
+    || fail "the Horovod build failed: see $$house/build.log"; \
+  echo "built Horovod in $$(( $$(date +%s) - start )) s"; \
+  wheel=$$(ls $$house/horovod-$(HOROVOD_VERSION)-*.whl | head -n 1); \
+fi; \
+$$py -m pip install -q $$wheel || fail "pip could not install $$wheel"; \
+$$py -c 'import horovod.torch as h; assert h.mpi_built() and h.gloo_built()' || fail "Horovod imports without MPI or Gloo"; \
+rm -f $(HOROVOD_STATUS)
+endef
+
+horovod: setup
+	@$(build_horovod)
+
 demo: setup
 	$(BIN)/tumorsynth demo --out $(DEMO)
 
@@ -43,8 +94,10 @@ demo-slurm: setup
 	SLURM_CONF=$${TUMORSYNTH_SLURM_DIR:-/tmp/tumorsynth-slurm}/slurm.conf \
 	  $(BIN)/tumorsynth demo --out $(DEMO)-slurm --cluster slurm --profile local
 
-test: setup
+# The Horovod build may fail on a machine without a compiler or MPI headers: its tests then skip, saying why.
+test: setup extras
 	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory horovod || true; \
 	$(BIN)/python -m pytest; status=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s"; exit $$status
 

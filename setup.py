@@ -29,8 +29,11 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5"],
+        # Horovod's sdist needs a C++17 patch to build against torch >= 2.1: `make horovod` builds and installs it.
         "horovod": ["horovod==0.28.1"],
-        "keras": ["tensorflow-cpu>=2.16", "onnx>=1.15"],
+        "keras": ["tensorflow-cpu>=2.16; platform_machine == 'x86_64'",
+                  "tensorflow>=2.16; platform_machine != 'x86_64'"],
+        "onnx": ["onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.18"],
     },
     entry_points={"console_scripts": ["tumorsynth=toolkit.cli:main"]},
 )

@@ -2,6 +2,7 @@
 
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,6 +58,46 @@ def _launch_ddp(cmd: list[str], ranks: int = 2, timeout: float = 300) -> None:
     errors = [proc.communicate()[1] for proc in procs]
     failed = [(r, proc.returncode) for r, proc in enumerate(procs) if proc.returncode != 0]
     assert not failed, f"ranks failed {failed}:\n" + "\n".join(f"--- rank {r}\n{e}" for r, e in enumerate(errors))
+
+
+def _horovod_missing() -> str | None:
+    """Why Horovod for PyTorch cannot be used here (None when it can): checked in a child process, which also proves
+    its library loads. `make horovod` leaves the reason a build failed in the venv (``.horovod-unavailable``)."""
+    check = subprocess.run([sys.executable, "-c", "import horovod.torch as h; assert h.mpi_built() and h.gloo_built()"],
+                           env=clean_environment(), capture_output=True, text=True, timeout=120)
+    if check.returncode == 0:
+        return None
+    status = Path(sys.prefix) / ".horovod-unavailable"
+    why = status.read_text().strip() if status.exists() else check.stderr.strip().splitlines()[-1]
+    return f"Horovod for PyTorch is not usable ({why}); `make horovod` builds it (make test runs it)"
+
+
+@pytest.fixture(scope="session")
+def horovod() -> Path:
+    """The ``horovodrun`` launcher of this Python; skips, saying why, where Horovod could not be built."""
+    missing = _horovod_missing()
+    if missing:
+        pytest.skip(missing)
+    return Path(sys.executable).parent / "horovodrun"
+
+
+@pytest.fixture(scope="session")
+def keras():
+    """Keras 3 on TensorFlow; skips, naming the install command, where TensorFlow is not installed."""
+    import importlib.util
+
+    from toolkit.models.unet_keras import INSTALL_HINT, keras_module
+
+    if importlib.util.find_spec("tensorflow") is None:
+        pytest.skip(f"TensorFlow is not installed: {INSTALL_HINT} (make test installs it)")
+    module = keras_module()
+    # absl (TensorFlow's logging) binds its handler to the sys.stderr of import time, here pytest's capture file, and
+    # closes that stream whenever a later logging.config.dictConfig (submitit's import does one) shuts handlers down,
+    # which breaks pytest's capture for the rest of the session. absl never closes the real stderr.
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+    return module
 
 
 @pytest.fixture

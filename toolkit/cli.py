@@ -201,6 +201,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from toolkit.train.export import export_unet
+
+    doc = export_unet(Path(args.run), args.format, Path(args.out), image_size=args.size)
+
+    def text(d: dict[str, Any]) -> str:
+        check = d["validation"]
+        return (f"{d['path']}: {d['format']} model, input {d['input']['name']} {d['input']['shape']} "
+                f"({d['input']['layout']}, raw intensities), output {d['classes']}-class probabilities; "
+                f"max abs diff {check['max_abs_diff']:.2g} vs torch on {check['images']} images ({check['source']})")
+
+    _emit(args, doc, text)
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     if args.kind == "images":
         from toolkit.train.synthesis import generate_images
@@ -361,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--run-dir")
-    p.add_argument("--dist", choices=("none", "ddp"), default="none")
+    p.add_argument("--dist", choices=("none", "ddp", "horovod"), default="none",
+                   help="ddp: under torchrun or srun; horovod: under mpirun, srun --mpi=pmix or horovodrun")
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser("evaluate", help="unet: score a run's best checkpoint; swd: score every PGAN snapshot (MPI)")
@@ -375,6 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="unet: a run's best model as a standalone Keras, ONNX or TorchScript file")
+    p.add_argument("model", choices=("unet",))
+    p.add_argument("run")
+    p.add_argument("--format", required=True, choices=("keras", "onnx", "torchscript"))
+    p.add_argument("--out", required=True, help="output file (keras: must end in .keras)")
+    p.add_argument("--size", type=int, help="image size (default: the run store's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_export)
 
     p = sub.add_parser("generate", help="masks: a PGAN snapshot → mask store; images: SPADE × mask store → pairs")
     p.add_argument("kind", choices=("masks", "images"))

@@ -1,6 +1,6 @@
 """tumorsynth's own jobs on the local SLURM cluster: a sweep as one job array (status, Table 1, resume), a training
 job preempted gracefully (USR2) or hard (``scontrol requeue``) that resumes bit-identically, the z-score filter over
-two MPI ranks under ``srun --mpi=pmix``.
+two MPI ranks under ``srun --mpi=pmix``, and a Horovod training over two tasks, also under ``srun --mpi=pmix``.
 
 Jobs are submitted the way users submit them (the ``tumorsynth sweep`` CLI, ``executor(...)`` with a profile). Every
 wait has a deadline and stops early when the job ends without reaching what it waits for; its failure message holds
@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -415,3 +416,32 @@ def test_filter_job_runs_two_mpi_ranks_under_srun_pmix(slurm_cluster, tmp_path, 
 
     assert shards(out) == shards(tmp_path / "one-rank")
     assert (out / "zscore.csv").read_bytes() == (tmp_path / "one-rank" / "zscore.csv").read_bytes()
+
+
+# --- 6. Horovod training under srun --mpi=pmix ------------------------------------------------------------------------
+@pytest.mark.slurm
+@pytest.mark.horovod
+def test_horovod_training_job_runs_two_ranks_under_srun_pmix(horovod, slurm_cluster, store_64, tmp_path, monkeypatch,
+                                                            cancel_at_end, latest_task_state):
+    """A profile with ``dist: horovod`` and two tasks: the training job's ranks find each other through PMIx, and the
+    weights equal a 2-rank Horovod run under mpirun bit for bit (two independent 1-rank runs would not)."""
+    from toolkit.mpi import mpirun_prefix
+
+    config = _unet_config(tmp_path / "unet.yaml", store_64, epochs=1)
+    profile = replace(load_profile("local"), tasks_per_node=2, dist="horovod")
+    backend = profile.training_backend("slurm")
+    assert backend == "horovod" and replace(profile, tasks_per_node=1).training_backend("slurm") == "none"
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    _strip_job_env(monkeypatch)
+    job = executor("slurm", profile, logs, mpi=True).submit(TrainJob("unet", config, run_dir, backend=backend))
+    cancel_at_end(job.job_id)
+    mpirun = subprocess.run([*mpirun_prefix(2), *CLI, "train", "unet", "-c", str(config), "--run-dir",
+                             str(tmp_path / "mpirun"), "--dist", "horovod"], env=_client_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert mpirun.returncode == 0, mpirun.stderr[-3000:]
+
+    _wait(lambda: (run_dir / "DONE").exists(), 300, "DONE", logs, job.job_id)
+    info = _finished(job.job_id, logs)
+    assert info["JobState"] == "COMPLETED", (info, _logs(logs))
+    assert sorted(a["rank"] for a in _lines(run_dir / ATTEMPTS)) == ["0", "1"]
+    _assert_identical(latest_task_state(run_dir), latest_task_state(tmp_path / "mpirun"))

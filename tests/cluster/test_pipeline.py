@@ -69,8 +69,10 @@ def test_local_pipeline_runs_every_step_then_skips_them(store_64, tmp_path):
 
 
 
-def test_the_paper_pipeline_config_builds_both_branches_in_dependency_order():
-    from toolkit.cluster.pipeline import steps
+def test_the_paper_pipeline_config_builds_both_branches_in_dependency_order(tmp_path):
+    from dataclasses import replace
+
+    from toolkit.cluster.pipeline import _uses_mpi, steps
     from toolkit.config import load
 
     cfg = load(PipelineConfig, REPO / "configs" / "pipeline" / "paper.yaml")
@@ -86,3 +88,10 @@ def test_the_paper_pipeline_config_builds_both_branches_in_dependency_order():
     # the v100 profile's 2 tasks: DDP training on SLURM, one process locally; MPI steps take cfg.ranks
     assert by_name["pgan-full"].tasks == 2 and by_name["pgan-full"].job.backend == "ddp"
     assert {s.name: s.tasks for s in local}["pgan-full"] == 1 and by_name["swd-full"].tasks == cfg.ranks == 4
+    assert _uses_mpi(by_name["swd-full"].job) and not _uses_mpi(by_name["pgan-full"].job)
+    # a profile with `dist: horovod`: the same trainings as Horovod jobs, whose tasks srun starts with PMIx
+    horovod = _yaml(tmp_path / "v100-horovod.yaml",
+                    {**yaml.safe_load((REPO / "slurm" / "profiles" / "v100.yaml").read_text()), "dist": "horovod"})
+    by_name = {s.name: s for s in steps(replace(cfg, profile=str(horovod)), "slurm")}
+    assert {by_name[f"{m}-{b}"].job.backend for m in ("pgan", "spade") for b in ("full", "reduced")} == {"horovod"}
+    assert _uses_mpi(by_name["spade-full"].job) and by_name["spade-full"].tasks == 2

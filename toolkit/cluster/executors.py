@@ -2,9 +2,10 @@
 
 A profile names what a job gets on one cluster: partition, GPUs and tasks per node, CPUs, memory, time limit, how long
 before the limit SLURM sends USR2 (the loop then checkpoints and the job requeues), array parallelism, extra sbatch
-parameters and setup lines. ``--cluster slurm`` submits through submitit's SLURM executor; ``--cluster local`` runs
-the same job objects as local subprocesses (submitit's local executor), without SLURM. Multi-task MPI jobs run their
-tasks with ``srun --mpi=pmix``.
+parameters, setup lines and the distributed backend of multi-task trainings (``dist: ddp|horovod``).
+``--cluster slurm`` submits through submitit's SLURM executor; ``--cluster local`` runs the same job objects as local
+subprocesses (submitit's local executor), without SLURM. Multi-task MPI jobs (and Horovod trainings) run their tasks
+with ``srun --mpi=pmix``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ class Profile:
     array_parallelism: int = 8
     additional: dict[str, str] = field(default_factory=dict)
     setup: tuple[str, ...] = ()
+    dist: str = "ddp"  # backend of multi-task trainings: ddp (torch's rendezvous) or horovod (srun --mpi=pmix)
+
+    def __post_init__(self) -> None:
+        if self.dist not in ("ddp", "horovod"):
+            raise ValueError(f"profile {self.name}: dist must be ddp or horovod, got {self.dist!r}")
+
+    def training_backend(self, cluster: str) -> str:
+        """The ``--dist`` of a training job: one process locally or with one task, else this profile's backend."""
+        return self.dist if cluster == "slurm" and self.tasks_per_node * self.nodes > 1 else "none"
 
 
 def load_profile(name_or_path: str | Path) -> Profile:

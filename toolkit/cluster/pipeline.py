@@ -92,16 +92,17 @@ class Step:
 def steps(cfg: PipelineConfig, cluster: str = "local") -> list[Step]:
     """The pipeline's steps in a valid execution order (the sweep is separate: see :func:`run_pipeline`).
 
-    Training steps run one DDP process per task of the profile on ``slurm`` (one process locally); MPI steps run
-    ``cfg.ranks`` tasks; the others one.
+    Training steps run one process per task of the profile on ``slurm`` (DDP or Horovod, as the profile says; one
+    process locally); MPI steps run ``cfg.ranks`` tasks; the others one.
     """
     for branch in cfg.branches:
         if branch not in BRANCHES:
             raise ValueError(f"branches: {branch!r} is not one of {BRANCHES}")
     out = Path(cfg.out)
     store = out / "store"
-    gpus = 1 if cluster == "local" else load_profile(cfg.profile).tasks_per_node
-    backend = "ddp" if gpus > 1 else "none"
+    profile = load_profile(cfg.profile)
+    gpus = 1 if cluster == "local" else profile.tasks_per_node
+    backend = profile.training_backend(cluster)
     manifest = lambda path: (lambda: (path / "manifest.json").exists())  # noqa: E731
     result = [Step("prepare", PrepareJob(PrepareConfig(src=Path(cfg.cohort), out=store, size=cfg.size,
                                                        seed=cfg.seed, workers=cfg.workers)), (), manifest(store))]
@@ -158,7 +159,7 @@ def run_pipeline(cfg: PipelineConfig, cluster: str, *, sweep_timeout: float = 24
             continue
         parents = [submitted[p] for p in step.after if submitted.get(p) not in (None, "done")]
         ex = executor("slurm", load_profile(cfg.profile), state / "logs" / step.name, tasks=step.tasks,
-                      mpi=step.tasks > 1 and not isinstance(step.job, TrainJob), after=parents)
+                      mpi=step.tasks > 1 and _uses_mpi(step.job), after=parents)
         submitted[step.name] = str(ex.submit(step.job).job_id)
         log.info("pipeline: %s queued as job %s (after %s)", step.name, submitted[step.name], parents or "nothing")
     images = [submitted[f"images-{b}"] for b in cfg.branches if submitted[f"images-{b}"] not in ("done", "ran")]
@@ -185,6 +186,11 @@ def _still_queued(state: Path) -> dict[str, str]:
     earlier = {k: v for k, v in json.loads(path.read_text()).items() if k != "sweep" and v not in ("done", "ran")}
     live = slurmctl.job_states(earlier.values()) if earlier else {}
     return {name: job for name, job in earlier.items() if live.get(job) not in (None, *slurmctl.FINISHED)}
+
+
+def _uses_mpi(job: Job) -> bool:
+    """Whether a multi-task job's ranks find each other through MPI (``srun --mpi=pmix``); DDP trainings do not."""
+    return not isinstance(job, TrainJob) or job.backend == "horovod"
 
 
 def _run_local(step: Step, state: Path) -> None:

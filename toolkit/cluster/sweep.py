@@ -187,11 +187,10 @@ class Sweep:
         write_json(self.root / SWEEP, self.doc)
 
     def _job(self, member: dict[str, Any]) -> TrainJob:
-        """A member's job: DDP over the profile's tasks on SLURM, one process locally."""
-        ddp = self.doc["cluster"] == "slurm" and load_profile(self.doc["profile"]).tasks_per_node > 1
+        """A member's job: DDP or Horovod over the profile's tasks on SLURM, one process locally."""
+        backend = load_profile(self.doc["profile"]).training_backend(self.doc["cluster"])
         return TrainJob(model=self.doc["model"], config=Path(self.doc["base"]), run_dir=Path(member["run_dir"]),
-                        overrides=tuple(member["overrides"]), backend="ddp" if ddp else "none",
-                        evaluate=self.doc["evaluate"])
+                        overrides=tuple(member["overrides"]), backend=backend, evaluate=self.doc["evaluate"])
 
     # --- submission -------------------------------------------------------------------------------------------
     def submit(self, names: list[str] | None = None, *, timeout: float = 24 * 3600,
@@ -206,7 +205,8 @@ class Sweep:
             return []
         profile: Profile = load_profile(self.doc["profile"])
         ex = executor(self.doc["cluster"], profile, self.root / "logs", after=after,
-                      tasks=None if self.doc["cluster"] == "slurm" else 1)
+                      tasks=None if self.doc["cluster"] == "slurm" else 1,
+                      mpi=profile.training_backend(self.doc["cluster"]) == "horovod")
         if self.doc["cluster"] == "local":
             return self._run_local(ex, chosen, profile.array_parallelism, timeout)
         with ex.batch():

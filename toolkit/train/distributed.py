@@ -1,12 +1,23 @@
-"""The distributed layer: one small interface over no distribution and PyTorch DDP (Horovod plugs in here later).
+"""The distributed layer: one small interface over no distribution, PyTorch DDP and Horovod.
 
-Trainers see a :class:`Dist` object and nothing else: rank/size, the device, ``wrap`` for the model, sum-reductions
+Trainers see a :class:`Dist` object and nothing else: rank/size, the device, ``wrap`` for the model, ``optimizer``
+for its optimiser, ``average_gradients`` for trainers that reduce gradients themselves (PGAN), sum-reductions
 (differentiable when a loss needs global statistics, such as Dice over the global batch), ``barrier`` and ``close``.
-No globals, no print patching: rank-0 guards use ``dist.is_main``.
+No globals, no print patching: rank-0 guards use ``dist.is_main``. This is the only module that imports Horovod.
 
-DDP reads its rendezvous from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or, under
-``srun``, from SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR defaults to the first node of the job,
-MASTER_PORT to a port derived from the job id). Gloo on CPU, NCCL on GPU.
+- **ddp**: the rendezvous comes from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
+  or, under ``srun``, from SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR defaults to the first
+  node of the job, MASTER_PORT to a port derived from the job id). Gloo on CPU, NCCL on GPU. ``wrap`` returns a
+  ``DistributedDataParallel`` module, which averages gradients during the backward pass.
+- **horovod**: ``hvd.init()`` finds its peers from ``mpirun``, ``srun --mpi=pmix`` or ``horovodrun --gloo``.
+  ``wrap`` broadcasts rank 0's parameters and buffers (as DDP's constructor does) and returns the module itself;
+  ``optimizer`` returns an :class:`AveragingOptimizer`, whose ``step`` first averages its parameters' gradients with
+  one grouped allreduce. That is Horovod's gradient allreduce without ``hvd.DistributedOptimizer``'s backward hooks:
+  those refuse a module that receives gradients twice before its step, which every GAN generator step does to the
+  discriminator (its gradients are computed, then zeroed before its own step). The optimiser's state dict is the
+  wrapped one's, so checkpoints are the same under every backend and a run may resume under another.
+
+Every rank loads the same checkpoint on resume, so model and optimiser states agree without a broadcast.
 """
 
 from __future__ import annotations
@@ -15,7 +26,10 @@ import datetime
 import logging
 import os
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -25,7 +39,16 @@ from toolkit.train import syncbn
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("none", "ddp")
+BACKENDS = ("none", "ddp", "horovod")
+
+
+def _horovod() -> ModuleType:
+    try:
+        import horovod.torch as hvd
+    except ImportError as exc:
+        raise RuntimeError(f"--dist horovod needs Horovod for PyTorch ({exc}); build and install it with "
+                           "`make horovod`") from exc
+    return hvd
 
 
 @dataclass(frozen=True)
@@ -48,21 +71,49 @@ class Dist:
         return self.backend != "none" and self.world_size > 1
 
     def wrap(self, model: nn.Module, *, sync_bn: bool = False) -> nn.Module:
-        """The model as trained here: DDP-wrapped (optionally with synchronised BatchNorm) when distributed."""
+        """The model as trained here: with global-batch BatchNorm if asked, and DDP-wrapped under DDP."""
         model = model.to(self.device)
         if not self.active:
             return model
         if sync_bn:
-            # torch's SyncBatchNorm is CUDA-only; on CPU (gloo) our all-reduce version does the same job
-            cuda = self.device.type == "cuda"
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if cuda else syncbn.convert(model)
+            model = self._sync_batchnorm(model)
+        if self.backend == "horovod":
+            _horovod().broadcast_parameters(model.state_dict(), root_rank=0)
+            return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def _sync_batchnorm(self, model: nn.Module) -> nn.Module:
+        if self.backend == "ddp" and self.device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # torch's SyncBatchNorm needs CUDA and a torch process group; ours runs on either backend and device
+        return syncbn.convert(model, all_reduce=lambda t: self.all_reduce_sum(t, differentiable=True))
+
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """``optimizer`` as stepped here: under Horovod, one that averages its gradients over ranks before a step."""
+        return AveragingOptimizer(optimizer, self) if self.active and self.backend == "horovod" else optimizer
+
+    def average_gradients(self, params: Iterable[nn.Parameter]) -> None:
+        """Replace each parameter's gradient by its mean over ranks (for modules that are not ``wrap``-ped)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not self.active or not grads:
+            return
+        if self.backend == "horovod":
+            name = f"grads.{len(grads)}.{sum(g.numel() for g in grads)}"
+            averaged = _horovod().grouped_allreduce(grads, name=name, op=_horovod().Average)
+        else:
+            averaged = [self.all_reduce_sum(g) / self.world_size for g in grads]
+        for grad, mean in zip(grads, averaged):
+            grad.copy_(mean)
 
     def all_reduce_sum(self, tensor: torch.Tensor, *, differentiable: bool = False) -> torch.Tensor:
         """Sum ``tensor`` over ranks. The differentiable form back-propagates into every rank's contribution."""
         if not self.active:
             return tensor
+        if self.backend == "horovod":
+            hvd = _horovod()  # its allreduce is an autograd function whose backward sums the gradients likewise
+            return hvd.allreduce(tensor if differentiable else tensor.detach(), name=_op_name("sum", tensor),
+                                 op=hvd.Sum)
         if differentiable:
             from torch.distributed.nn.functional import all_reduce
 
@@ -72,12 +123,42 @@ class Dist:
         return tensor
 
     def barrier(self) -> None:
-        if self.active:
+        if not self.active:
+            return
+        if self.backend == "horovod":
+            _horovod().barrier()
+        else:
             tdist.barrier()
 
     def close(self) -> None:
-        if self.active and tdist.is_initialized():
+        if self.backend == "horovod":
+            _horovod().shutdown()
+        elif self.active and tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+def _op_name(kind: str, tensor: torch.Tensor) -> str:
+    """A Horovod collective's name, the same for every call on a tensor of this shape and type. Horovod caches the
+    negotiation of a name it has seen; unnamed calls get a fresh name each time and evict each other from the cache.
+    Calls here are synchronous, so equal names are never in flight together."""
+    return f"{kind}.{str(tensor.dtype).removeprefix('torch.')}.{'x'.join(map(str, tensor.shape))}"
+
+
+class AveragingOptimizer:
+    """An optimiser whose ``step`` averages the gradients of its parameters over ranks, then steps the wrapped one.
+
+    Everything else (``param_groups``, ``state_dict``, ``zero_grad`` …) is the wrapped optimiser's.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, dist: Dist) -> None:
+        self.optimizer, self.dist = optimizer, dist
+
+    def step(self) -> None:
+        self.dist.average_gradients(p for group in self.optimizer.param_groups for p in group["params"])
+        self.optimizer.step()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)
 
 
 def _slurm_master_addr() -> str:
@@ -100,6 +181,14 @@ def _rendezvous() -> tuple[int, int, int]:
     raise RuntimeError("--dist ddp needs torchrun (RANK, WORLD_SIZE) or srun (SLURM_PROCID, SLURM_NTASKS) variables")
 
 
+def _device(want_cuda: bool, local_rank: int) -> torch.device:
+    if not want_cuda:
+        return torch.device("cpu")
+    dev = torch.device("cuda", local_rank)
+    torch.cuda.set_device(dev)
+    return dev
+
+
 def init(backend: str = "none", device: str | None = None, *, timeout_s: float = 600.0) -> Dist:
     """Join the run's process group (if any) and pick this process's device (cuda:<local rank> when available)."""
     if backend not in BACKENDS:
@@ -107,11 +196,15 @@ def init(backend: str = "none", device: str | None = None, *, timeout_s: float =
     want_cuda = device == "cuda" or (device is None and torch.cuda.is_available())
     if backend == "none":
         return Dist(device=torch.device("cuda" if want_cuda else (device or "cpu")))
-    rank, world_size, local_rank = _rendezvous()
-    dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://", rank=rank,
-                             world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
-    log.info("ddp: rank %d/%d on %s", rank, world_size, dev)
+    if backend == "horovod":
+        hvd = _horovod()
+        hvd.init()
+        rank, world_size, local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+        dev = _device(want_cuda, local_rank)
+    else:
+        rank, world_size, local_rank = _rendezvous()
+        dev = _device(want_cuda, local_rank)
+        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://", rank=rank,
+                                 world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    log.info("%s: rank %d/%d on %s", backend, rank, world_size, dev)
     return Dist(backend=backend, rank=rank, world_size=world_size, local_rank=local_rank, device=dev)

@@ -16,11 +16,12 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any, Protocol
 
 import torch
@@ -124,6 +125,10 @@ class MetricsLog:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and _step_of(line) is not None and _step_of(line) <= resumed_step]
             write_json_lines(self.path, kept)
+        # TensorBoard's event writer imports all of TensorFlow when it is installed (the `keras` extra): seconds per
+        # process and a screen of TF logs. TensorBoard's own switch, a `tensorboard.compat.notf` module, selects the
+        # bundled stub writer instead; the event files are the same.
+        sys.modules.setdefault("tensorboard.compat.notf", ModuleType("tensorboard.compat.notf"))
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_step + 1)

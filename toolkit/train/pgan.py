@@ -199,20 +199,13 @@ class PGANTask:
         values = torch.rand(minibatch, *shape) if uniform else torch.randn(minibatch, *shape)
         return values[self._share(minibatch)].to(self.dist.device)
 
-    def _average_gradients(self, net: torch.nn.Module) -> None:
-        """The official multi-GPU rule: average the gradients over ranks (a no-op on one process)."""
-        if self.dist.active:
-            for p in net.parameters():
-                if p.grad is not None:
-                    p.grad = self.dist.all_reduce_sum(p.grad) / self.dist.world_size
-
     def _d_step(self, reals: torch.Tensor, lod: float, minibatch: int) -> float:
         latents = self._draw(minibatch, self.cfg.model.latent)
         mix = self._draw(minibatch, 1, 1, 1, uniform=True)
         loss = d_loss(self.G, self.D, reals, latents, mix, lod, self.cfg.optim)
         self.opt_D.zero_grad(set_to_none=True)
         loss.backward()
-        self._average_gradients(self.D)
+        self.dist.average_gradients(self.D.parameters())  # official multi-GPU rule
         self.opt_D.step()
         return float(loss.detach())
 
@@ -220,7 +213,7 @@ class PGANTask:
         loss = g_loss(self.G, self.D, self._draw(minibatch, self.cfg.model.latent), lod)
         self.opt_G.zero_grad(set_to_none=True)
         loss.backward()
-        self._average_gradients(self.G)
+        self.dist.average_gradients(self.G.parameters())  # official multi-GPU rule
         self.opt_G.step()
         return float(loss.detach())
 

@@ -186,8 +186,8 @@ class SPADETask:
         if cfg.runtime.compile:
             self.G_net, self.D_net = torch.compile(self.G_net), torch.compile(self.D_net)
         o = cfg.optim
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
+        self.opt_G = dist.optimizer(torch.optim.Adam(self.G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2)))
+        self.opt_D = dist.optimizer(torch.optim.Adam(self.D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2)))
 
     def loop_config(self) -> LoopConfig:
         return self.cfg.loop

@@ -129,7 +129,7 @@ class UNetTask:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net = dist.wrap(self.model, sync_bn=cfg.runtime.sync_bn)
         self.step_fn = torch.compile(self.net) if cfg.runtime.compile else self.net
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.optim.lr)
+        self.optimizer = dist.optimizer(torch.optim.Adam(self.net.parameters(), lr=cfg.optim.lr))
 
     def loop_config(self) -> LoopConfig:
         return self.cfg.loop
