@@ -6,8 +6,10 @@ newest complete checkpoint, and with a different config is refused (naming the k
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +60,25 @@ def train(model: str, config_path: Path, overrides: tuple[str, ...] = (), run_di
     run_dir = Path(run_dir or Path("runs") / f"{model}-{Path(config_path).stem}")
     dist = distributed.init(backend, cfg.runtime.device)
     try:
-        if cfg.runtime.threads:
-            torch.set_num_threads(cfg.runtime.threads)
-        if dist.is_main:
-            _claim_run_dir(run_dir, cfg)
-        dist.barrier()
-        stop = StopRequest()
-        task = task_cls(cfg, dist, run_dir)
-        return run(task, task.loop_config(), run_dir, dist, config=configs.to_dict(cfg), stop=stop)
+        return _train(task_cls, cfg, run_dir, dist)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # the frames hold the task: free it before the group, see below
+        raise
     finally:
+        # The task (with its DDP modules) must be gone before the process group. A DDP reducer holding the group's
+        # last reference destroys it with the GIL held, joining gloo's worker thread while that thread waits for the
+        # GIL to free the last collective's tensors: a deadlock (seen in ~1 of 40 two-rank runs here). Freed first,
+        # the group is destroyed by torch's own holder, which releases the GIL.
+        gc.collect()
         dist.close()
+
+
+def _train(task_cls: type, cfg: Any, run_dir: Path, dist: distributed.Dist) -> LoopResult:
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    if dist.is_main:
+        _claim_run_dir(run_dir, cfg)
+    dist.barrier()
+    stop = StopRequest()
+    task = task_cls(cfg, dist, run_dir)
+    return run(task, task.loop_config(), run_dir, dist, config=configs.to_dict(cfg), stop=stop)
