@@ -93,6 +93,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from toolkit.bench.unet import bench_unet
         from toolkit.config import load
         from toolkit.models.unet import UNetConfig
+        from toolkit.train import distributed
         from toolkit.train.unet import UNetRunConfig
 
         # without -c: the paper's network (the defaults of UNetConfig), 7 classes
@@ -100,8 +101,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if args.config:
             run = load(UNetRunConfig, args.config)
             model = UNetConfig(classes=run.data.classes, widths=run.model.widths, bridge=run.model.bridge)
-        doc = bench_unet(model, device=args.device, batch=args.batch, size=args.size, steps=args.steps,
-                         compile=args.compile)
+        dist = distributed.init(args.dist, args.device)
+        try:
+            doc = bench_unet(model, batch=args.batch, size=args.size, steps=args.steps, compile=args.compile,
+                             dist=dist)
+        finally:
+            dist.close()
+        doc = doc if dist.is_main else {}  # under a launcher, rank 0 reports
     elif args.target == "pgan":
         from toolkit.bench.pgan import bench_pgan
         from toolkit.config import load
@@ -134,7 +140,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from toolkit.bench.loader import bench_loader
 
         doc = bench_loader(Path(args.store), seconds=args.seconds, batch=args.batch, workers=args.workers or 0)
-    if doc:  # under mpirun (bench zscore), rank 0 only
+    if doc:  # under a launcher (bench zscore, bench unet --dist), rank 0 only
         _emit(args, doc, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
     return 0
 
@@ -474,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--steps", type=int, default=5, help="timed training steps (unet)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (unet, spade)")
+    p.add_argument("--dist", choices=("none", "ddp", "horovod"), default="none",
+                   help="unet: train over the launcher's ranks (global --batch split between them)")
     p.add_argument("--store", help="store to read (loader)")
     p.add_argument("--subjects", type=int, default=4, help="phantom subjects to ingest (ingest)")
     p.add_argument("--size", type=int, default=256)

@@ -145,3 +145,14 @@ def test_gan_under_horovodrun_gloo_equals_ddp(model, horovod, store_64, tmp_path
     hvd, ddp = final_state(latest_task_state, tmp_path / "horovod"), final_state(latest_task_state, tmp_path / "ddp")
     assert_same_tensors(hvd, ddp)
     assert len((tmp_path / "horovod" / "metrics.jsonl").read_text().splitlines()) >= 2
+
+
+def test_bench_unet_over_two_horovod_ranks(horovod, tmp_path):
+    """`bench unet --dist horovod` under mpirun: one report (rank 0's) for the whole job's global batch."""
+    config = tmp_path / "unet.yaml"
+    config.write_text(yaml.safe_dump({"data": {"real": str(tmp_path)}, "model": CONFIGS["unet"]["model"]}))
+    done = run_ok([*mpirun_prefix(2), *CLI, "bench", "unet", "-c", str(config), "--size", "32", "--batch", "4",
+                   "--steps", "2", "--dist", "horovod", "--json"], "bench unet under mpirun")
+    (line,) = done.stdout.splitlines()
+    doc = json.loads(line)
+    assert doc["dist"] == "horovod" and doc["ranks"] == 2 and doc["batch"] == 4 and doc["img_per_s"] > 0

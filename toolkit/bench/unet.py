@@ -2,6 +2,9 @@
 
 One timed step is what the trainer does per batch: forward, cross-entropy on the logits (softmax fused in), backward,
 Adam update. The data is random and already on the device, so this measures the model and optimiser, not the loader.
+With ``dist`` (``--dist ddp|horovod``, under torchrun/srun or mpirun/horovodrun) the model and optimiser are those of
+the distributed layer and every rank takes ``batch / ranks`` of the global batch, so the step includes the gradient
+averaging and the img/s are the whole job's.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from toolkit.bench.timing import time_steps
 from toolkit.models.unet import UNet, UNetConfig, count_parameters
+from toolkit.train.distributed import Dist
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +45,18 @@ def forward_flops(model: torch.nn.Module, in_channels: int, size: int, device: t
 
 def bench_unet(config: UNetConfig, *, device: str = "cpu", batch: int = 8, size: int = 256, steps: int = 10,
                warmup: int = 3, amp: bool | None = None, channels_last: bool | None = None,
-               compile: bool = False) -> dict[str, Any]:
+               compile: bool = False, dist: Dist | None = None) -> dict[str, Any]:
     """Time ``steps`` training steps after ``warmup`` untimed ones; return the ``bench unet`` JSON object.
 
     ``amp`` (bf16 autocast) and ``channels_last`` default to on for CUDA and off for CPU. ``tflops`` is
     ``3 × gflop_per_image_fwd × img_per_s / 1000`` (training ≈ 3× the forward). With ``compile`` the warm-up steps
     also pay for compilation, so give it a few.
     """
-    if steps < 1 or warmup < 0 or batch < 1:
-        raise ValueError(f"bench unet: need steps >= 1, warmup >= 0, batch >= 1 (got {steps}, {warmup}, {batch})")
-    dev = torch.device(device)
+    dist = dist or Dist(device=torch.device(device))
+    if steps < 1 or warmup < 0 or batch < 1 or batch % dist.world_size:
+        raise ValueError(f"bench unet: need steps >= 1, warmup >= 0 and a batch >= 1 divisible by the "
+                         f"{dist.world_size} ranks (got {steps}, {warmup}, {batch})")
+    dev = dist.device
     cuda = dev.type == "cuda"
     amp = cuda if amp is None else amp
     channels_last = cuda if channels_last is None else channels_last
@@ -60,10 +66,12 @@ def bench_unet(config: UNetConfig, *, device: str = "cpu", batch: int = 8, size:
 
     model = UNet(config).to(dev, memory_format=memory_format)
     flops = forward_flops(model, config.in_channels, size, dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    step_fn = torch.compile(model) if compile else model
-    x = torch.randn(batch, config.in_channels, size, size, device=dev).contiguous(memory_format=memory_format)
-    target = torch.randint(0, config.classes, (batch, size, size), device=dev)
+    net = dist.wrap(model)
+    optimizer = dist.optimizer(torch.optim.Adam(net.parameters(), lr=1e-4))
+    step_fn = torch.compile(net) if compile else net
+    local = batch // dist.world_size
+    x = torch.randn(local, config.in_channels, size, size, device=dev).contiguous(memory_format=memory_format)
+    target = torch.randint(0, config.classes, (local, size, size), device=dev)
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -79,9 +87,9 @@ def bench_unet(config: UNetConfig, *, device: str = "cpu", batch: int = 8, size:
     img_per_s = batch * steps / elapsed
     gflop = flops / 1e9
     tflops = TRAIN_FLOPS_PER_FWD * flops * img_per_s / 1e12
-    log.info("unet: %.1f img/s, %.2f TFLOP/s (%.2f GFLOP/img fwd, batch %d, %d², %s)", img_per_s, tflops, gflop,
-             batch, size, dev)
+    log.info("unet: %.1f img/s, %.2f TFLOP/s (%.2f GFLOP/img fwd, batch %d, %d², %s, %s × %d)", img_per_s, tflops,
+             gflop, batch, size, dev, dist.backend, dist.world_size)
     return {"model": "unet", "device": str(dev), "params": count_parameters(model), "gflop_per_image_fwd": gflop,
             "img_per_s": img_per_s, "tflops": tflops, "batch": batch, "size": size, "amp": amp,
             "channels_last": channels_last, "compile": compile, "steps": steps, "seconds": elapsed,
-            "step_ms": 1e3 * elapsed / steps}
+            "step_ms": 1e3 * elapsed / steps, "dist": dist.backend, "ranks": dist.world_size}
