@@ -100,6 +100,26 @@ def keras():
     return module
 
 
+def _interrupt(cmd: list[str], run_dir: Path, sig: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Start a run, wait until it has written two periodic checkpoints, send ``sig``, and wait for it to end."""
+    proc = subprocess.Popen(cmd, env=clean_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = Path(run_dir) / "checkpoints"
+    deadline = time.monotonic() + timeout
+    while len(list(folder.glob("ckpt-*.pt"))) < 2:
+        assert proc.poll() is None, f"run ended before it could be interrupted: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out waiting for checkpoints"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture
+def interrupt():
+    """``interrupt(cmd, run_dir, sig)``: run ``cmd``, signal it once two checkpoints exist, return the finished run."""
+    return _interrupt
+
+
 @pytest.fixture
 def latest_task_state():
     """``latest_task_state(run_dir)``: the task state of a run's newest checkpoint."""

@@ -33,7 +33,7 @@ def _needs(*modules: str, hint: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not installed: {hint}")
 
 
-KERAS = [pytest.mark.keras, _needs("tensorflow", "keras", hint="pip install -e '.[keras]'")]
+KERAS = [pytest.mark.keras]  # the `runtime` fixture skips through the session's `keras` fixture
 ONNX = [pytest.mark.onnx, _needs("onnxruntime", "onnxscript", "onnx", hint="pip install -e '.[onnx]'")]
 
 

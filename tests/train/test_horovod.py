@@ -7,11 +7,11 @@ gradients as (a + b) / 2), and a Horovod run preempted with SIGUSR2 (forwarded b
 an uninterrupted one.
 """
 
+import copy
 import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -47,7 +47,7 @@ CONFIGS = {  # tiny versions of each trainer: seconds per run on one thread per 
 
 
 def write_config(path, model, store):
-    config = yaml.safe_load(yaml.safe_dump(CONFIGS[model]))  # a deep copy
+    config = copy.deepcopy(CONFIGS[model])
     config.setdefault("data", {})["real" if model == "unet" else "store"] = str(store)
     config["loop"].update(checkpoint_every_minutes=0.0, log_every_steps=5)
     config.update(runtime={"threads": 1}, seed=4)
@@ -109,25 +109,15 @@ def test_unet_under_mpirun_equals_ddp(unet_horovod, tmp_path, launch_ddp, latest
     assert not torch.equal(single["model"]["head.weight"], hvd["model"]["head.weight"])
 
 
-def _checkpoints(run_dir):
-    folder = run_dir / "checkpoints"
-    return len(list(folder.glob("ckpt-*.pt"))) if folder.exists() else 0
-
-
-def test_preempted_horovod_run_resumes_to_the_uninterrupted_result(unet_horovod, tmp_path, latest_task_state):
+def test_preempted_horovod_run_resumes_to_the_uninterrupted_result(unet_horovod, tmp_path, interrupt,
+                                                                    latest_task_state):
     config, reference = unet_horovod
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([*mpirun_prefix(2), *train("unet", config, run_dir, "--dist", "horovod")],
-                            env=clean_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while _checkpoints(run_dir) < 2:  # two periodic checkpoints (steps 7 and 14): the run is well under way
-        assert proc.poll() is None, f"run ended before it could be preempted: {proc.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, "timed out waiting for checkpoints"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGUSR2)  # mpirun forwards it to both ranks; they agree on a step and checkpoint there
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and not (run_dir / "DONE").exists(), err[-3000:]
-    assert out.count('"status": "preempted"') == 2, out  # both ranks stopped at the agreed step
+    # mpirun forwards SIGUSR2 to both ranks; they agree on a step and checkpoint there
+    stopped = interrupt([*mpirun_prefix(2), *train("unet", config, run_dir, "--dist", "horovod")], run_dir,
+                        signal.SIGUSR2)
+    assert stopped.returncode != 0 and not (run_dir / "DONE").exists(), stopped.stderr[-3000:]
+    assert stopped.stdout.count('"status": "preempted"') == 2, stopped.stdout  # both ranks stopped
 
     resumed = mpirun("unet", config, run_dir)
     assert "resumed from" in resumed.stderr

@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -52,28 +51,11 @@ def baseline(store_64, tmp_path_factory):
     return config, root / "run"
 
 
-def _checkpoints(run_dir):
-    folder = run_dir / "checkpoints"
-    return len(list(folder.glob("ckpt-*.pt"))) if folder.exists() else 0
-
-
-def _interrupt(cmd, run_dir, sig):
-    """Start a run, wait until it has written two periodic checkpoints, then send ``sig``."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while _checkpoints(run_dir) < 2:
-        assert proc.poll() is None, f"run ended before it could be interrupted: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, "timed out waiting for checkpoints"
-        time.sleep(0.01)
-    proc.send_signal(sig)
-    return proc.wait(timeout=300)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGUSR2], ids=["sigkill", "sigusr2"])
-def test_interrupted_run_resumes_bit_identically(baseline, tmp_path, sig, latest_task_state):
+def test_interrupted_run_resumes_bit_identically(baseline, tmp_path, sig, interrupt, latest_task_state):
     config, reference = baseline
     run_dir = tmp_path / "run"
-    code = _interrupt(train_cmd(config, run_dir), run_dir, sig)
+    code = interrupt(train_cmd(config, run_dir), run_dir, sig).returncode
     assert not (run_dir / "DONE").exists()
     if sig == signal.SIGUSR2:
         assert code == PREEMPTED  # graceful: saved at the step it was signalled, asked to be run again

@@ -40,7 +40,6 @@ from toolkit.train.unet import UNetRunConfig, build_model, normalise
 log = logging.getLogger(__name__)
 
 Format = Literal["keras", "onnx", "torchscript"]
-FORMATS: tuple[str, ...] = ("keras", "onnx", "torchscript")
 ONNX_HINT = "pip install -e '.[onnx]'"
 TOLERANCE = 1e-4  # max abs difference in probability between the exported file and the torch model
 VALIDATION_IMAGES = 4
@@ -85,7 +84,8 @@ def load_run(run_dir: Path) -> tuple[UNetRunConfig, UNet, dict[str, float]]:
 def validation_images(store_path: Path, image_size: int | None, peak: float) -> tuple[np.ndarray, str, int]:
     """``(images [n, 1, S, S] float32, source description, S)``: the store's first test rows, else seeded random."""
     try:
-        manifest = Store(store_path).manifest
+        store = Store(store_path)
+        manifest = store.manifest
     except StoreError as exc:
         if image_size is None:
             raise ExportError(f"{exc}; pass the image size (--size) to export without the run's store") from exc
@@ -93,7 +93,7 @@ def validation_images(store_path: Path, image_size: int | None, peak: float) -> 
     size = image_size or manifest.image_size
     test = manifest.splits.get("test") if manifest else None
     if manifest and manifest.has_image and manifest.image_size == size and test and test.n:
-        rows = Store(store_path).read("test", 0, VALIDATION_IMAGES, fields=("image",))["image"]
+        rows = store.read("test", 0, VALIDATION_IMAGES, fields=("image",))["image"]
         return rows[:, None].astype(np.float32), f"{store_path} test rows 0-{len(rows) - 1}", size
     generator = np.random.default_rng(0)
     images = (generator.random((VALIDATION_IMAGES, 1, size, size)) * peak).astype(np.float32)
@@ -185,7 +185,7 @@ def export_unet(run_dir: Path, fmt: Format, out: Path, *, image_size: int | None
     """
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in EXPORTERS:
-        raise ExportError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
+        raise ExportError(f"unknown export format {fmt!r} (known: {', '.join(EXPORTERS)})")
     if fmt == "keras" and out.suffix != ".keras":
         raise ExportError(f"{out}: a Keras model file must end in .keras (Keras refuses to load other names)")
     cfg, unet, stats = load_run(run_dir)

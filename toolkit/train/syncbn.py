@@ -1,11 +1,11 @@
 """Synchronised BatchNorm that also runs on CPU (gloo) and under Horovod, where ``torch.nn.SyncBatchNorm`` refuses to.
 
 Batch statistics are computed over the global batch: each rank's per-channel sum, sum of squares and count are summed
-with a differentiable all-reduce (torch.distributed's by default; the distributed layer passes Horovod's under
-Horovod), so gradients flow through the global mean and variance exactly as a single process with the whole batch
-would compute them. Statistics are accumulated in float64 to keep them as close as possible to single-process
-BatchNorm. Parameter and buffer names match ``nn.BatchNorm2d``, so checkpoints are interchangeable; the parameter-free
-form (``affine=False``, as SPADE uses) is supported.
+with a differentiable all-reduce, which the distributed layer passes in (torch.distributed's or Horovod's), so
+gradients flow through the global mean and variance exactly as a single process with the whole batch would compute
+them. Statistics are accumulated in float64 to keep them as close as possible to single-process BatchNorm. Parameter
+and buffer names match ``nn.BatchNorm2d``, so checkpoints are interchangeable; the parameter-free form
+(``affine=False``, as SPADE uses) is supported.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose training-mode statistics span every rank (``all_reduce``: a differentiable sum)."""
 
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] = staticmethod(all_reduce)
+    def __init__(self, *args: object, all_reduce: Callable[[torch.Tensor], torch.Tensor], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.all_reduce = all_reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -42,17 +43,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return (out if self.bias is None else out + self.bias.double().view(shape)).to(x.dtype)
 
 
-def convert(module: nn.Module, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
-    """Replace every ``nn.BatchNorm2d`` in ``module`` by :class:`GlobalBatchNorm2d`, keeping parameters and buffers.
-
-    ``all_reduce`` (a differentiable sum over ranks) defaults to torch.distributed's.
-    """
+def convert(module: nn.Module, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` in ``module`` by :class:`GlobalBatchNorm2d` summing with ``all_reduce`` (a
+    differentiable sum over ranks), keeping parameters and buffers."""
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
         synced = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                                   module.track_running_stats)
+                                   module.track_running_stats, all_reduce=all_reduce)
         synced.load_state_dict(module.state_dict())
-        if all_reduce is not None:
-            synced.all_reduce = all_reduce
         return synced
     for name, child in module.named_children():
         module.add_module(name, convert(child, all_reduce))
