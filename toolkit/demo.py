@@ -125,12 +125,13 @@ def _calibrate(out: Path, threshold: float) -> dict[str, Any]:
 
     from toolkit.filter.zscore import calibrate
 
-    grid = np.linspace(0.0, 4 * threshold, 401)  # holds the threshold itself (index 100)
+    grid = np.linspace(0.0, 4 * threshold, 401)
     doc = calibrate(out / "store", out / "stores" / "masks-full", out / "calibration", thresholds=grid,
                     comm=MPI.COMM_SELF)
     with open(out / "calibration" / "calibration.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    return {**doc, "strict_dropped": float(rows[100]["synthetic_dropped"])}
+    at_threshold = int(np.argmin(np.abs(grid - threshold)))  # the grid point that is the threshold
+    return {**doc, "strict_dropped": float(rows[at_threshold]["synthetic_dropped"])}
 
 
 def _report(config: DemoConfig, out: Path, table: dict[str, Any], calibration: dict[str, Any],
