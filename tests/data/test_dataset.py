@@ -60,8 +60,8 @@ def test_prefix_semantics(stores):
     six = SliceDataset([Source(path, n=6)])  # crosses the first shard boundary
     got = stacked(six)
     np.testing.assert_array_equal(got["label"], rows["train"]["label"][:6])
-    np.testing.assert_array_equal(got["image"][:, 0], rows["train"]["image"][:6].astype(np.float32))
-    assert got["image"].dtype == np.float32 and got["label"].dtype == np.int64
+    np.testing.assert_array_equal(got["image"][:, 0], rows["train"]["image"][:6])
+    assert got["image"].dtype == np.uint16 and got["label"].dtype == np.uint8  # the stored types, converted on device
     reduced = SliceDataset([Source(path, n="reduced")])
     assert len(reduced) == Store(path).manifest.reduced == 8
     assert len(SliceDataset([Source(path, "test")])) == 6

@@ -2,8 +2,9 @@
 
 A :class:`Source` names a store split and a row selection (a prefix of the shuffled rows, optionally without the
 all-background rows); a :class:`SliceDataset` concatenates sources, e.g. 5,208 real + 4,792 synthetic slices, and
-serves ``{"image": float32 [1,S,S], "label": int64 [S,S], "source": int, "index": int}`` with labels in the requested
-class view. Images keep their raw intensities: normalisation belongs to the trainer (:meth:`intensity_stats`).
+serves ``{"image": uint16 [1,S,S], "label": uint8 [S,S], "source": int, "index": int}`` with labels in the requested
+class view: the stored types, so a batch crosses to the GPU in a quarter of the bytes of float32 + int64 and is
+converted there. Images keep their raw intensities: normalisation belongs to the trainer (:meth:`intensity_stats`).
 
 Reading: each process (the main one or a DataLoader worker) opens every shard it needs once, lazily; handles are keyed
 by pid and never pickled, so a dataset built in the parent is safe to send to forked or spawned workers. A batch is
@@ -205,10 +206,10 @@ class SliceDataset(Dataset):
             if table is not None:
                 rows = np.flatnonzero(src == s)
                 label[rows] = table[label[rows]]
-        batch = {"label": torch.from_numpy(label).long(), "source": torch.from_numpy(src.astype(np.int64)),
+        batch = {"label": torch.from_numpy(label), "source": torch.from_numpy(src.astype(np.int64)),
                  "index": torch.from_numpy(idx)}
         if image is not None:
-            batch["image"] = torch.from_numpy(image.astype(np.float32)).unsqueeze(1)
+            batch["image"] = torch.from_numpy(image).unsqueeze(1)
         samples = [{key: value[j] if key in ("label", "image") else int(value[j]) for key, value in batch.items()}
                    for j in range(len(idx))]
         return _Batch(samples, batch)

@@ -1,7 +1,9 @@
 """Checkpoints: full training state as state_dicts, saved atomically with a ``latest`` pointer, keeping the last K.
 
 ``RUN/checkpoints/ckpt-<step>.pt`` files are written with :func:`toolkit.atomic.atomic_path` (temp + fsync + rename),
-so every file present is complete; the pointer ``RUN/checkpoints/latest`` is written after the file. Loading uses
+so every file present is complete; the pointer ``RUN/checkpoints/latest`` is written after the file. GPU runs save in
+the background: the state is copied to host memory at once (so training may go on changing the originals) and a
+thread writes it while the next steps run; the next save, and the end of the run, wait for it. Loading uses
 ``torch.load(weights_only=True)``: a checkpoint holds tensors and plain Python values only, never pickled objects, so
 RNG states of numpy and Python are converted to tensors and lists here.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +50,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved, visible = list(state["cuda"]), torch.cuda.device_count()
+        if len(saved) != visible:
+            # a run saved on a node with another GPU count (SLURM binds one GPU per task on some clusters): restore
+            # the GPUs both have; a GPU without a saved state keeps its seed
+            log.warning("checkpoint holds CUDA RNG states of %d GPUs, this process sees %d: restoring %d",
+                        len(saved), visible, min(len(saved), visible))
+        for index, gpu_state in enumerate(saved[:visible]):
+            torch.cuda.set_rng_state(gpu_state, index)
 
 
 class Checkpoints:
@@ -58,6 +68,8 @@ class Checkpoints:
             raise ValueError("keep must be >= 1")
         self.folder = Path(run_dir) / "checkpoints"
         self.keep = keep
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def _existing(self) -> list[tuple[int, Path]]:
         if not self.folder.is_dir():
@@ -65,15 +77,40 @@ class Checkpoints:
         found = [(int(m[1]), p) for p in self.folder.iterdir() if (m := _NAME.match(p.name))]
         return sorted(found)
 
-    def save(self, state: dict[str, Any], step: int) -> Path:
-        """Write ``state`` as the checkpoint of ``step``, point ``latest`` at it and prune beyond the last K."""
+    def save(self, state: dict[str, Any], step: int, *, background: bool = False) -> Path:
+        """Write ``state`` as the checkpoint of ``step``, point ``latest`` at it and prune beyond the last K; with
+        ``background``, from a copy in host memory on a writer thread (see :meth:`wait`)."""
+        self.wait()
         path = self.folder / f"ckpt-{step:09d}.pt"
+        if not background:
+            self._write(state, path)
+            return path
+        host = _to_host(state)
+        self._writer = threading.Thread(target=self._write_catching, args=(host, path), name="checkpoint-writer")
+        self._writer.start()
+        return path
+
+    def wait(self) -> None:
+        """Block until a background save has finished; raise what it raised."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _write_catching(self, state: dict[str, Any], path: Path) -> None:
+        try:
+            self._write(state, path)
+        except BaseException as exc:  # re-raised by wait(), on the training thread
+            self._error = exc
+
+    def _write(self, state: dict[str, Any], path: Path) -> None:
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
         write_bytes(self.folder / "latest", f"{path.name}\n".encode())
         for _, old in self._existing()[:-self.keep]:
             old.unlink(missing_ok=True)
-        return path
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint: the pointer's target, else the highest-step file present."""
@@ -89,3 +126,14 @@ class Checkpoints:
     def load(path: Path) -> dict[str, Any]:
         """Load a checkpoint onto the CPU, tensors and plain values only."""
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _to_host(value: Any) -> Any:
+    """``value`` with every tensor copied to host memory (nested dicts, lists and tuples, as state_dicts are)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_host(v) for v in value)
+    return value

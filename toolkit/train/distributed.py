@@ -76,35 +76,41 @@ class Dist:
         if not self.active:
             return model
         if sync_bn:
-            model = self._sync_batchnorm(model)
+            # ours on every backend and device: torch's SyncBatchNorm is DDP + CUDA only and syncs the host each forward
+            model = syncbn.convert(model, all_reduce=lambda t: self.all_reduce_sum(t, differentiable=True))
         if self.backend == "horovod":
             _horovod().broadcast_parameters(model.state_dict(), root_rank=0)
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-    def _sync_batchnorm(self, model: nn.Module) -> nn.Module:
-        if self.backend == "ddp" and self.device.type == "cuda":
-            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # torch's SyncBatchNorm needs CUDA and a torch process group; ours runs on either backend and device
-        return syncbn.convert(model, all_reduce=lambda t: self.all_reduce_sum(t, differentiable=True))
+        # synchronised BatchNorm keeps the buffers equal on every rank: no broadcast of them before each forward
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=not sync_bn)
 
     def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """``optimizer`` as stepped here: under Horovod, one that averages its gradients over ranks before a step."""
         return AveragingOptimizer(optimizer, self) if self.active and self.backend == "horovod" else optimizer
 
     def average_gradients(self, params: Iterable[nn.Parameter]) -> None:
-        """Replace each parameter's gradient by its mean over ranks (for modules that are not ``wrap``-ped)."""
+        """Replace each parameter's gradient by its mean over ranks (for modules that are not ``wrap``-ped).
+
+        One collective for all of them: Horovod's grouped allreduce, or under DDP one all-reduce of the gradients
+        flattened into a single buffer per dtype (a collective per tensor would be latency-bound: the PGAN has ~100).
+        """
         grads = [p.grad for p in params if p.grad is not None]
         if not self.active or not grads:
             return
         if self.backend == "horovod":
             name = f"grads.{len(grads)}.{sum(g.numel() for g in grads)}"
             averaged = _horovod().grouped_allreduce(grads, name=name, op=_horovod().Average)
-        else:
-            averaged = [self.all_reduce_sum(g) / self.world_size for g in grads]
-        for grad, mean in zip(grads, averaged):
-            grad.copy_(mean)
+            for grad, mean in zip(grads, averaged):
+                grad.copy_(mean)
+            return
+        for dtype in {g.dtype for g in grads}:
+            group = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in group])
+            tdist.all_reduce(flat)
+            flat.div_(self.world_size)
+            torch._foreach_copy_(group, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in group]),
+                                                                          group)])
 
     def all_reduce_sum(self, tensor: torch.Tensor, *, differentiable: bool = False) -> torch.Tensor:
         """Sum ``tensor`` over ranks. The differentiable form back-propagates into every rank's contribution."""
@@ -147,14 +153,26 @@ def _op_name(kind: str, tensor: torch.Tensor) -> str:
 class AveragingOptimizer:
     """An optimiser whose ``step`` averages the gradients of its parameters over ranks, then steps the wrapped one.
 
-    Everything else (``param_groups``, ``state_dict``, ``zero_grad`` …) is the wrapped optimiser's.
+    ``synchronize()`` averages ahead of the step (a loss scaler must see the averaged gradients, so that every rank
+    finds the same overflow and skips the same steps); the next ``step`` then does not average again. Everything else
+    (``param_groups``, ``state_dict``, ``zero_grad`` …) is the wrapped optimiser's.
     """
+
+    # GradScaler must unscale the gradients itself and call a plain step() (not a fused optimiser's scaled step)
+    _step_supports_amp_scaling = False
 
     def __init__(self, optimizer: torch.optim.Optimizer, dist: Dist) -> None:
         self.optimizer, self.dist = optimizer, dist
+        self._synchronized = False
+
+    def synchronize(self) -> None:
+        self.dist.average_gradients(p for group in self.optimizer.param_groups for p in group["params"])
+        self._synchronized = True
 
     def step(self) -> None:
-        self.dist.average_gradients(p for group in self.optimizer.param_groups for p in group["params"])
+        if not self._synchronized:
+            self.synchronize()
+        self._synchronized = False
         self.optimizer.step()
 
     def __getattr__(self, name: str) -> Any:
@@ -181,29 +199,61 @@ def _rendezvous() -> tuple[int, int, int]:
     raise RuntimeError("--dist ddp needs torchrun (RANK, WORLD_SIZE) or srun (SLURM_PROCID, SLURM_NTASKS) variables")
 
 
-def _device(want_cuda: bool, local_rank: int) -> torch.device:
-    if not want_cuda:
-        return torch.device("cpu")
-    dev = torch.device("cuda", local_rank)
+def local_device(local_rank: int) -> torch.device:
+    """The GPU of the process with node-local rank ``local_rank``: ``cuda:(local_rank % visible GPUs)``.
+
+    The modulo matters where SLURM binds one GPU per task (``--gpus-per-task``, ``--gpu-bind``, cgroup
+    ConstrainDevices): every task then sees only its own GPU, as ``cuda:0``, whatever its local rank. The device becomes
+    the process's current one, so libraries that allocate on "the" GPU (NCCL, cuDNN workspaces) use it too.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("a CUDA device was asked for, but torch sees none (CPU build, or no GPU in this job)")
+    dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     torch.cuda.set_device(dev)
     return dev
 
 
+def pick_device(requested: str | None, local_rank: int = 0) -> torch.device:
+    """A process's device: ``requested`` as named (``cpu``, ``cuda:1``); ``cuda``, or None while a GPU is visible,
+    is this process's GPU by its node-local rank (:func:`local_device`); None without a GPU is the CPU."""
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        return local_device(local_rank)
+    dev = torch.device(requested)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def mpi_device(comm: Any, requested: str | None = None) -> torch.device:
+    """This MPI rank's device for the MPI tools (SWD, generation): :func:`pick_device` with the rank's index among
+    the ranks on its node (an MPI shared-memory split) as local rank, so ranks take distinct GPUs."""
+    if requested not in (None, "cuda") or not torch.cuda.is_available():
+        return pick_device(requested)
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return local_device(node.Get_rank())
+    finally:
+        node.Free()
+
+
 def init(backend: str = "none", device: str | None = None, *, timeout_s: float = 600.0) -> Dist:
-    """Join the run's process group (if any) and pick this process's device (cuda:<local rank> when available)."""
+    """Join the run's process group (if any) and pick this process's device (see :func:`pick_device`)."""
     if backend not in BACKENDS:
         raise ValueError(f"--dist must be one of {BACKENDS}, got {backend!r}")
-    want_cuda = device == "cuda" or (device is None and torch.cuda.is_available())
     if backend == "none":
-        return Dist(device=torch.device("cuda" if want_cuda else (device or "cpu")))
+        return Dist(device=pick_device(device))
     if backend == "horovod":
         hvd = _horovod()
         hvd.init()
         rank, world_size, local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
-        dev = _device(want_cuda, local_rank)
+        dev = pick_device(device, local_rank)
     else:
         rank, world_size, local_rank = _rendezvous()
-        dev = _device(want_cuda, local_rank)
+        dev = pick_device(device, local_rank)
         tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://", rank=rank,
                                  world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     log.info("%s: rank %d/%d on %s", backend, rank, world_size, dev)

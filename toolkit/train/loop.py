@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType, ModuleType
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from tqdm import tqdm
@@ -47,7 +47,9 @@ class Task(Protocol):
         """The batches of ``epoch`` from index ``start`` on; the same sequence every time it is asked for."""
         ...
 
-    def train_step(self, batch: Any) -> dict[str, float]: ...
+    def train_step(self, batch: Any) -> dict[str, torch.Tensor | float]:
+        """One step; values stay tensors on the device (the loop reads them on log steps only: no host sync)."""
+        ...
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         """Metrics after ``epoch``; ``val_loss`` (lower is better), when present, selects ``best.pt``."""
@@ -70,8 +72,14 @@ class LoopConfig:
     epochs: int = 150
     checkpoint_every_steps: int = 0
     checkpoint_every_minutes: float = 30.0
+    # a checkpoint at every epoch's end: "auto" does on CPU; on a GPU, where an epoch may take seconds, only the
+    # steps/minutes cadence (and a stop request) saves
+    epoch_checkpoints: Literal["auto", "always", "never"] = "auto"
     keep_checkpoints: int = 3
     log_every_steps: int = 10
+    # multi-process runs agree on stop requests and minutes-due saves every this many steps (a collective and a host
+    # sync each time; single-process runs check every step, for free)
+    agree_every_steps: int = 10
 
 
 @dataclass
@@ -133,9 +141,10 @@ class MetricsLog:
 
         self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_step + 1)
 
-    def write(self, step: int, epoch: int, values: dict[str, float]) -> None:
+    def write(self, step: int, epoch: int, values: dict[str, torch.Tensor | float]) -> None:
         if not self.enabled:
             return
+        values = {key: float(value) for key, value in values.items()}  # the host sync of a log step
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"step": step, "epoch": epoch, **values}) + "\n")
         for key, value in values.items():
@@ -159,10 +168,13 @@ def write_json_lines(path: Path, lines: list[str]) -> None:
 
 
 def _agree(dist: Dist, *flags: bool) -> list[bool]:
-    """Each flag true on any rank becomes true on all ranks, so that every rank saves or stops at the same step."""
+    """Each flag true on any rank becomes true on all ranks, so that every rank saves or stops at the same step.
+
+    The votes travel in a tensor on the run's device: NCCL has no CPU tensors.
+    """
     if not dist.active:
         return list(flags)
-    votes = dist.all_reduce_sum(torch.tensor([float(f) for f in flags]))
+    votes = dist.all_reduce_sum(torch.tensor([float(f) for f in flags], device=dist.device))
     return [bool(v > 0) for v in votes.tolist()]
 
 
@@ -185,10 +197,15 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, dist: Dist, *, config: dict[
         log.info("%s: resumed from %s (epoch %d, batch %d)", run_dir, latest.name, progress.epoch, progress.batch)
     metrics = MetricsLog(run_dir, dist.is_main, progress.step)
 
-    def save() -> None:
+    background = dist.device.type == "cuda"  # host copy now, file written while the next steps run
+    epoch_saves = cfg.epoch_checkpoints == "always" or (cfg.epoch_checkpoints == "auto" and not background)
+
+    def save(*, wait: bool = False) -> None:
         if dist.is_main:
             checkpoints.save({"task": task.state_dict(), "progress": asdict(progress), "rng": rng_state(),
-                              "config": config}, progress.step)
+                              "config": config}, progress.step, background=background and not wait)
+            if wait:
+                checkpoints.wait()
 
     last_save = time.monotonic()
     try:
@@ -202,11 +219,16 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, dist: Dist, *, config: dict[
                 if progress.step % cfg.log_every_steps == 0:
                     metrics.write(progress.step, progress.epoch, values)
                 every, minutes = cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes
-                due = (every > 0 and progress.step % every == 0) or (
-                    minutes > 0 and time.monotonic() - last_save > 60 * minutes)
-                stop_now, due = _agree(dist, stop is not None and stop.requested, due)
+                due = every > 0 and progress.step % every == 0  # the same step on every rank
+                if not dist.active or progress.step % cfg.agree_every_steps == 0:
+                    # a signal or the clock may differ between ranks: they vote
+                    late = minutes > 0 and time.monotonic() - last_save > 60 * minutes
+                    stop_now, late = _agree(dist, stop is not None and stop.requested, late)
+                    due = due or late
+                else:
+                    stop_now = False
                 if due or stop_now:
-                    save()
+                    save(wait=stop_now)
                     last_save = time.monotonic()
                 if stop_now:
                     return LoopResult("preempted", {"step": progress.step, "epoch": progress.epoch,
@@ -219,9 +241,11 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, dist: Dist, *, config: dict[
             metrics.write(progress.step, progress.epoch, values)
             progress.epoch += 1
             progress.batch = 0
-            save()
-            last_save = time.monotonic()
+            if epoch_saves:
+                save()
+                last_save = time.monotonic()
     finally:
+        checkpoints.wait()
         metrics.close()
     # best_val is null for runs without a validation loss (GANs): JSON has no Infinity
     final = {"step": progress.step, "epochs": progress.epoch,

@@ -1,11 +1,16 @@
-"""Synchronised BatchNorm that also runs on CPU (gloo) and under Horovod, where ``torch.nn.SyncBatchNorm`` refuses to.
+"""Synchronised BatchNorm for every backend and device: DDP (gloo or NCCL) and Horovod, CPU and CUDA.
 
-Batch statistics are computed over the global batch: each rank's per-channel sum, sum of squares and count are summed
-with a differentiable all-reduce, which the distributed layer passes in (torch.distributed's or Horovod's), so
-gradients flow through the global mean and variance exactly as a single process with the whole batch would compute
-them. Statistics are accumulated in float64 to keep them as close as possible to single-process BatchNorm. Parameter
-and buffer names match ``nn.BatchNorm2d``, so checkpoints are interchangeable; the parameter-free form
-(``affine=False``, as SPADE uses) is supported.
+Batch statistics are computed over the global batch with one differentiable all-reduce, which the distributed layer
+passes in (torch.distributed's or Horovod's), so gradients flow through the global mean and variance exactly as a
+single process with the whole batch would compute them. Unlike ``torch.nn.SyncBatchNorm`` (CUDA and DDP only, and a
+host synchronisation in every forward to size its all-gather) nothing here waits for the host.
+
+Numerics: each rank takes its per-channel mean and variance with one fused, numerically stable ``var_mean`` in fp32
+(whatever autocast made the input), then contributes ``n·d`` and ``n·(var + d²)`` with ``d = mean − K`` for a shift
+``K``, the running mean (identical on every rank). Summed over ranks these give the global mean and variance without
+the cancellation of a plain sum-of-squares, since ``K`` tracks the mean. Running statistics stay in their own fp32
+buffers. Parameter and buffer names match ``nn.BatchNorm2d``, so checkpoints are interchangeable; the
+parameter-free form (``affine=False``, as SPADE uses) is supported.
 """
 
 from __future__ import annotations
@@ -27,20 +32,30 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if not self.training:
             return super().forward(x)
         channels = x.shape[1]
-        x64 = x.double()
-        count = torch.tensor([x.numel() / channels], dtype=torch.float64, device=x.device)
-        stats = self.all_reduce(torch.cat([x64.sum((0, 2, 3)), (x64 * x64).sum((0, 2, 3)), count]))
-        total, squares, n = stats[:channels], stats[channels:2 * channels], stats[-1]
-        mean = total / n
-        var = squares / n - mean * mean
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.to(x.dtype))
-            self.running_var.mul_(1 - self.momentum).add_(self.momentum * (var * n / (n - 1)).to(x.dtype))
+        xf = x.float()
+        local_var, local_mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
+        local_n = x.numel() // channels
+        shift = torch.zeros_like(local_mean) if self.running_mean is None else self.running_mean.detach().float()
+        d = local_mean - shift
+        count = torch.full((1,), float(local_n), device=x.device)  # made on the device: no host copy
+        stats = self.all_reduce(torch.cat([local_n * d, local_n * (local_var + d * d), count]))
+        n = stats[-1]
+        offset = stats[:channels] / n
+        var = (stats[channels:2 * channels] / n - offset * offset).clamp_min(0)
+        mean = shift + offset
+        if self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.to(self.running_mean.dtype))
+                unbiased = var * n / (n - 1)
+                self.running_var.mul_(1 - self.momentum).add_(self.momentum * unbiased.to(self.running_var.dtype))
+        # y = (x − mean)·scale + bias as one fused multiply-add over the activation: x·scale + (bias − mean·scale)
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = self.weight.float() * scale
+        offset = -mean * scale if self.bias is None else self.bias.float() - mean * scale
         shape = (1, channels, 1, 1)
-        scale = 1 / torch.sqrt(var + self.eps)
-        out = (x64 - mean.view(shape)) * (scale if self.weight is None else self.weight.double() * scale).view(shape)
-        return (out if self.bias is None else out + self.bias.double().view(shape)).to(x.dtype)
+        return torch.addcmul(offset.view(shape), xf, scale.view(shape)).to(x.dtype)
 
 
 def convert(module: nn.Module, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:

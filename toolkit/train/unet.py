@@ -33,8 +33,10 @@ from toolkit.data.dataset import SliceDataset, Source
 from toolkit.metrics.dice import class_weights, dice_from_sums, soft_sums
 from toolkit.models.unet import UNet, UNetConfig
 from toolkit.train.distributed import Dist
+from toolkit.train.loader import EpochBatches, EpochLoader, to_device
 from toolkit.train.loop import LoopConfig
-from toolkit.train.sampling import rank_batches
+from toolkit.train.precision import Precision
+from toolkit.train.runtime import RuntimeConfig, adam, compiled, prepare_device
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +67,6 @@ class ModelConfig:
 class OptimConfig:
     lr: float = 1e-4
     batch: int = 8
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """Device and speed options; every one is off on CPU unless asked for."""
-
-    device: str | None = None
-    amp: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    sync_bn: bool = True
-    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -120,16 +110,29 @@ class UNetTask:
         stats_set = self.train_set if d.stats_from == "all" else SliceDataset([real], classes=d.classes)
         peak, mean = stats_set.intensity_stats()
         self.stats = {"max": float(peak), "mean": float(mean)}
-        self.weights = torch.as_tensor(class_weights(self.train_set.class_pixels()), dtype=torch.float32)
+        # a constant of every step: on the device once, not copied there per step
+        self.weights = torch.as_tensor(class_weights(self.train_set.class_pixels()), dtype=torch.float32,
+                                       device=dist.device)
         log.info("training on %s; input max %.0f mean %.4f; class weights %s", self.train_set.describe(), peak, mean,
-                 np.round(self.weights.numpy(), 4).tolist())
+                 np.round(self.weights.cpu().numpy(), 4).tolist())
+        runtime = cfg.runtime
+        prepare_device(dist.device)
+        self.precision = Precision.for_device(runtime.precision, dist.device)
+        self.memory_format = runtime.memory_format(dist.device)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg)
-        if cfg.runtime.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.net = dist.wrap(self.model, sync_bn=cfg.runtime.sync_bn)
-        self.step_fn = torch.compile(self.net) if cfg.runtime.compile else self.net
-        self.optimizer = dist.optimizer(torch.optim.Adam(self.net.parameters(), lr=cfg.optim.lr))
+        self.model = build_model(cfg).to(memory_format=self.memory_format)
+        self.net = dist.wrap(self.model, sync_bn=runtime.sync_bn)
+        self.step_fn = compiled(self.net, runtime.compile)
+        self.optimizer = dist.optimizer(adam(self.net.parameters(), dist.device, lr=cfg.optim.lr))
+        self.train_loader = EpochLoader(
+            self.train_set, EpochBatches(len(self.train_set), cfg.optim.batch, seed=cfg.seed, rank=dist.rank,
+                                         world_size=dist.world_size), workers=d.workers, device=dist.device)
+        rows, batch = list(range(dist.rank, len(self.val_set), dist.world_size)), cfg.optim.batch
+        val_batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
+        self.val_loader = DataLoader(self.val_set, batch_sampler=val_batches, num_workers=d.workers,
+                                     collate_fn=SliceDataset.collate, pin_memory=dist.device.type == "cuda", persistent_workers=d.workers > 0)
+        log.info("U-Net on %s in %s, %s", dist.device, self.precision.name,
+                 "channels_last" if self.memory_format == torch.channels_last else "NCHW")
 
     def loop_config(self) -> LoopConfig:
         return self.cfg.loop
@@ -138,51 +141,47 @@ class UNetTask:
     def batches_per_epoch(self, epoch: int = 0) -> int:
         return len(self.train_set) // self.cfg.optim.batch
 
-    def _loader(self, dataset: SliceDataset, batches: list[list[int]]) -> DataLoader:
-        return DataLoader(dataset, batch_sampler=batches, num_workers=self.cfg.data.workers,
-                          collate_fn=SliceDataset.collate)
-
     def batches(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        mine = rank_batches(len(self.train_set), self.cfg.optim.batch, seed=self.cfg.seed, epoch=epoch, start=start,
-                            rank=self.dist.rank, world_size=self.dist.world_size)
-        return iter(self._loader(self.train_set, mine)) if mine else iter(())
+        return self.train_loader.epoch(epoch, start)
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return forward(self.step_fn, batch, self.stats, self.cfg.data.classes, self.dist.device, self.cfg.runtime)
+    def _forward(self, batch: dict[str, torch.Tensor], net: Callable | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward(net or self.step_fn, batch, self.stats, self.cfg.data.classes, self.dist.device,
+                       self.precision, self.memory_format)
 
     # --- steps ------------------------------------------------------------------------------------------------
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.net.train()
         probs, onehot = self._forward(batch)
         intersection, total = soft_sums(probs, onehot)
         intersection = self.dist.all_reduce_sum(intersection, differentiable=True)
         total = self.dist.all_reduce_sum(total, differentiable=True)
-        loss = 1 - (self.weights.to(probs.device) * dice_from_sums(intersection, total)).sum()
+        loss = 1 - (self.weights * dice_from_sums(intersection, total)).sum()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": float(loss.detach())}
+        self.precision.backward(loss)
+        self.precision.step(self.optimizer)
+        return {"loss": loss.detach()}
 
     def evaluate(self, epoch: int) -> dict[str, float]:
-        rows = list(range(self.dist.rank, len(self.val_set), self.dist.world_size))
-        batch = self.cfg.optim.batch
-        loader = self._loader(self.val_set, [rows[i:i + batch] for i in range(0, len(rows), batch)])
-        sums = {k: self.dist.all_reduce_sum(v) for k, v in segmentation_sums(self.net, loader, self._forward).items()}
-        result = dice_results(sums, self.weights)
+        # the uncompiled network: validation batches may be ragged, and eval-mode BatchNorm is another graph
+        sums = segmentation_sums(self.net, self.val_loader, lambda b: self._forward(b, self.net))
+        result = dice_results({k: self.dist.all_reduce_sum(v) for k, v in sums.items()}, self.weights)
         return {"val_loss": result["dice_error_percent"] / 100, "val_dice_error_percent": result["dice_error_percent"],
                 **{f"val_dice_{c}": v for c, v in enumerate(result["per_class_dice"])}}
 
     # --- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "precision": self.precision.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.load_state_dict(state.get("precision", {}))
 
     def save_best(self, path: Path) -> None:
         with atomic_path(path) as tmp:
-            torch.save({"model": self.model.state_dict(), "stats": self.stats, "weights": self.weights,
+            torch.save({"model": self.model.state_dict(), "stats": self.stats, "weights": self.weights.cpu(),
                         "config": to_dict(self.cfg)}, tmp)
 
 
@@ -191,13 +190,13 @@ REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 
 
 def forward(net: Callable[[torch.Tensor], torch.Tensor], batch: dict[str, torch.Tensor], stats: dict[str, float],
-            classes: int, device: torch.device, runtime: RuntimeConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class probabilities for a loader batch and its one-hot labels, on ``device``."""
-    x = normalise(batch["image"].to(device, non_blocking=True), stats)
-    if runtime.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    onehot = F.one_hot(batch["label"].to(device, non_blocking=True), classes).permute(0, 3, 1, 2).float()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.amp and device.type == "cuda"):
+            classes: int, device: torch.device, precision: Precision,
+            memory_format: torch.memory_format = torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities (fp32) for a loader batch and its one-hot labels, on ``device``."""
+    image, label = to_device(batch, device)
+    x = normalise(image, stats).contiguous(memory_format=memory_format)
+    onehot = F.one_hot(label, classes).permute(0, 3, 1, 2).float()
+    with precision.autocast():
         logits = net(x)
     return torch.softmax(logits.float(), dim=1), onehot
 
@@ -234,7 +233,7 @@ def dice_results(sums: dict[str, torch.Tensor], weights: torch.Tensor) -> dict[s
     """The evaluation numbers from (all-reduced) sums: weighted soft Dice error %, hard Dice per class and region."""
     soft = dice_from_sums(*sums["soft"])
     result: dict[str, Any] = {
-        "dice_error_percent": 100 * (1 - float((weights.double() * soft).sum())),
+        "dice_error_percent": 100 * (1 - float((weights.to(soft.device, torch.float64) * soft).sum())),
         "per_class_dice": dice_from_sums(*sums["hard"]).tolist(),
     }
     if "regions" in sums:

@@ -19,6 +19,8 @@ from toolkit import config as configs
 from toolkit.atomic import write_json
 from toolkit.data.dataset import SliceDataset, Source
 from toolkit.report.figures import segmentation_grid
+from toolkit.train import distributed
+from toolkit.train.precision import Precision
 from toolkit.train.unet import UNetRunConfig, build_model, dice_results, forward, segmentation_sums
 
 FIGURE_COLUMNS = 6
@@ -33,15 +35,18 @@ def evaluate_run(run_dir: Path, *, store: Path | None = None, split: str = "test
     if not best_path.exists():
         raise FileNotFoundError(f"{best_path}: no best checkpoint yet (the run has not finished an epoch)")
     best = torch.load(best_path, map_location="cpu", weights_only=True)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = distributed.pick_device(device)
+    precision = Precision.for_device(cfg.runtime.precision, dev)
+    memory_format = cfg.runtime.memory_format(dev)
     model = build_model(cfg)
     model.load_state_dict(best["model"], strict=True)
-    model.to(dev).eval()
+    model.to(dev, memory_format=memory_format).eval()
     dataset = SliceDataset([Source(store or cfg.data.real, split)], classes=cfg.data.classes)
-    loader = DataLoader(dataset, batch_size=cfg.optim.batch, collate_fn=SliceDataset.collate)
+    loader = DataLoader(dataset, batch_size=cfg.optim.batch, collate_fn=SliceDataset.collate,
+                        pin_memory=dev.type == "cuda")
 
     def fwd(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return forward(model, batch, best["stats"], cfg.data.classes, dev, cfg.runtime)
+        return forward(model, batch, best["stats"], cfg.data.classes, dev, precision, memory_format)
 
     result = {**dice_results(segmentation_sums(model, loader, fwd), best["weights"]),
               "split": split, "store": str(store or cfg.data.real), "slices": len(dataset)}
