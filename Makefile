@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 DEMO    ?= demo-out
 APT_PKGS := openmpi-bin libopenmpi-dev
 
-.PHONY: all setup system-deps extras horovod demo demo-slurm test lint bench clean
+.PHONY: all setup system-deps extras horovod demo demo-slurm test lint bench gpu-check clean
 
 all: test
 
@@ -100,6 +100,10 @@ test: setup extras
 	$(MAKE) --no-print-directory horovod || true; \
 	$(BIN)/python -m pytest; status=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s"; exit $$status
+
+# Every GPU path for real (~8 min; needs a CUDA build of torch in the venv): one OK/FAILED table, figures vs targets.
+gpu-check: setup
+	$(BIN)/tumorsynth check gpu $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
 
 lint: setup
 	$(BIN)/ruff check toolkit jobs tests

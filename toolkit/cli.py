@@ -89,41 +89,61 @@ def _cmd_dice(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.batch is None and args.target != "spade":  # spade's default depends on the device (bench/spade.py)
+        args.batch = 8
     if args.target == "unet":
-        from toolkit.bench.unet import bench_unet
+        from dataclasses import replace
+
+        from toolkit.bench.unet import bench_trainer, bench_unet, trainer_config
         from toolkit.config import load
         from toolkit.models.unet import UNetConfig
         from toolkit.train import distributed
-        from toolkit.train.unet import UNetRunConfig
+        from toolkit.train.unet import ModelConfig, UNetRunConfig
 
-        # without -c: the paper's network (the defaults of UNetConfig), 7 classes
-        model = UNetConfig()
-        if args.config:
-            run = load(UNetRunConfig, args.config)
-            model = UNetConfig(classes=run.data.classes, widths=run.model.widths, bridge=run.model.bridge)
+        # without -c: the paper's network (the defaults of UNetConfig), 7 classes, the default runtime
+        run = load(UNetRunConfig, args.config) if args.config else trainer_config(ModelConfig())
+        cuda = args.device == "cuda"
+        runtime = replace(run.runtime, precision=args.precision or run.runtime.precision,
+                          compile="default" if args.compile else run.runtime.compile)
+        workers = args.workers if args.workers is not None else (4 if cuda else 0)  # GPUs need the loader ahead
+        run = replace(run, runtime=runtime, optim=replace(run.optim, batch=args.batch),
+                      data=replace(run.data, workers=workers))
+        model = UNetConfig(classes=run.data.classes, widths=run.model.widths, bridge=run.model.bridge)
         dist = distributed.init(args.dist, args.device)
         try:
             doc = bench_unet(model, batch=args.batch, size=args.size, steps=args.steps, compile=args.compile,
-                             dist=dist)
+                             precision=runtime.precision, channels_last=runtime.channels_last, dist=dist,
+                             peak_tflops=args.peak_tflops)
+            if args.trainer:
+                doc |= bench_trainer(run, dist=dist, size=args.size, steps=args.steps, peak_tflops=args.peak_tflops)
         finally:
             dist.close()
         doc = doc if dist.is_main else {}  # under a launcher, rank 0 reports
     elif args.target == "pgan":
+        import torch
+
         from toolkit.bench.pgan import bench_pgan
         from toolkit.config import load
-        from toolkit.models.pgan import PGANConfig
         from toolkit.train.pgan import PGANRunConfig
 
-        model = load(PGANRunConfig, args.config).model if args.config else PGANConfig()
-        doc = bench_pgan(model, device=args.device, batch=args.batch, steps=args.steps)
+        # the config's networks, schedule (its minibatches, its kimg) and precision; without -c the paper's defaults
+        if args.config:
+            run = load(PGANRunConfig, args.config)
+            if run.runtime.threads:  # as the trainer runs
+                torch.set_num_threads(run.runtime.threads)
+            doc = bench_pgan(run.model, run.schedule, optim=run.optim, precision=run.runtime.precision,
+                             device=args.device, steps=args.steps)
+        else:
+            doc = bench_pgan(device=args.device, steps=args.steps)
     elif args.target == "spade":
         from toolkit.bench.spade import bench_spade
         from toolkit.config import load
         from toolkit.models.spade import SPADEConfig
         from toolkit.train.spade import SPADERunConfig
 
-        model = load(SPADERunConfig, args.config).model if args.config else SPADEConfig()
-        doc = bench_spade(model, device=args.device, batch=args.batch, steps=args.steps, compile=args.compile)
+        run = load(SPADERunConfig, args.config) if args.config else None
+        doc = bench_spade(run.model if run else SPADEConfig(), device=args.device, batch=args.batch, steps=args.steps,
+                          compile=args.compile, precision=args.precision or (run.runtime.precision if run else "auto"))
     elif args.target == "zscore":
         from toolkit.bench.zscore import bench_zscore
 
@@ -230,8 +250,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError("generate images needs --masks STORE")
         manifest = generate_images(Path(args.run), Path(args.masks), Path(args.out), batch=args.batch,
                                    device=args.device, png=args.png)
-        counts = ", ".join(f"{k} {v.n}" for k, v in manifest.splits.items())
-        print(f"{args.out}: synthetic MR for {counts} masks (epoch {manifest.provenance.get('epoch')})")
+        if manifest:  # rank 0 only: the other MPI ranks print nothing
+            counts = ", ".join(f"{k} {v.n}" for k, v in manifest.splits.items())
+            print(f"{args.out}: synthetic MR for {counts} masks (epoch {manifest.provenance.get('epoch')})")
         return 0
     from toolkit.train.generate import generate_masks
 
@@ -239,7 +260,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("generate masks needs --n N")
     manifest = generate_masks(Path(args.run), args.n, Path(args.out), snapshot=args.snapshot, seed=args.seed,
                               shard_size=args.shard_size, batch=args.batch, device=args.device, png=args.png)
-    print(f"{args.out}: {manifest.splits['train'].n} synthetic masks from {manifest.provenance.get('snapshot')}")
+    if manifest:  # rank 0 only
+        print(f"{args.out}: {manifest.splits['train'].n} synthetic masks from {manifest.provenance.get('snapshot')}")
     return 0
 
 
@@ -332,6 +354,22 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from toolkit.check.gpu import check_gpu, cuda_missing, table
+
+    missing = cuda_missing()
+    if missing:
+        print(f"tumorsynth: error: check gpu needs a CUDA device: {missing}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="tumorsynth-gpu-check-"))
+    doc = check_gpu(out, budget_s=args.budget)
+    (out / "check.json").write_text(json.dumps(doc, indent=1))
+    _emit(args, doc, table)
+    return 0 if doc["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used by the README's CLI reference)."""
     parser = argparse.ArgumentParser(prog="tumorsynth", description=__doc__.splitlines()[0])
@@ -407,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_export)
 
-    p = sub.add_parser("generate", help="masks: a PGAN snapshot → mask store; images: SPADE × mask store → pairs")
+    p = sub.add_parser("generate", help="masks: a PGAN snapshot → mask store; images: SPADE × mask store → pairs "
+                       "(MPI-parallel over shards)")
     p.add_argument("kind", choices=("masks", "images"))
     p.add_argument("run")
     p.add_argument("--n", type=int, help="masks: how many to generate")
@@ -478,19 +517,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help="run config whose model to benchmark (unet, pgan, spade; default: the "
                    "paper's)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--steps", type=int, default=5, help="timed training steps (unet)")
+    p.add_argument("--steps", type=int, default=5,
+                   help="timed training steps (unet, spade; pgan: per resolution and phase)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (unet, spade)")
     p.add_argument("--dist", choices=("none", "ddp", "horovod"), default="none",
                    help="unet: train over the launcher's ranks (global --batch split between them)")
+    p.add_argument("--trainer", action="store_true",
+                   help="unet: also time the real trainer step (loader, weighted Dice, SyncBN) and report mfu")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="unet, spade: the precision policy (default: the config's runtime.precision, else auto)")
+    p.add_argument("--peak-tflops", type=float, help="unet: the device's dense peak for mfu (default: known GPUs)")
     p.add_argument("--store", help="store to read (loader)")
     p.add_argument("--subjects", type=int, default=4, help="phantom subjects to ingest (ingest)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--tissue", choices=("hmrf", "none"), default="hmrf")
-    p.add_argument("--workers", type=int, help="ingest processes (default 1) or DataLoader workers (default 0)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--workers", type=int, help="ingest processes (default 1) or DataLoader workers (default 0; "
+                   "unet --trainer on cuda: 4)")
+    p.add_argument("--batch", type=int, help="global batch (default 8; spade: 16 on cuda, 1 on cpu)")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_bench)
+
+    p = sub.add_parser("check", help="gpu: run every GPU path for real (~8 min) and print each against its target")
+    p.add_argument("target", choices=("gpu",))
+    p.add_argument("--out", help="empty folder for the check's store and runs (default: a new temporary folder)")
+    p.add_argument("--budget", type=float, default=480.0, help="seconds for all paths together (default 480)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_check)
     return parser
 
 

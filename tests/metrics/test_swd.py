@@ -5,7 +5,7 @@ import pytest
 import scipy.ndimage
 import torch
 
-from toolkit.bench.swd import bench_masks, naive_swd
+from toolkit.bench.swd import bench_masks, bench_swd, naive_swd
 from toolkit.data.store import StoreError, StoreWriter
 from toolkit.metrics.swd import (
     SWDConfig,
@@ -150,3 +150,18 @@ def test_load_images_from_npy_and_store(tmp_path):
     (tmp_path / "masks.txt").write_text("")
     with pytest.raises(FileNotFoundError, match=r"masks\.txt"):
         load_images(tmp_path / "masks.txt")
+
+
+def test_bench_runs_the_naive_reference_on_at_most_1024_images(monkeypatch):
+    seen = []
+
+    def spy(real, fake, seed=0, config=None):
+        seen.append(len(real))
+        return naive_swd(real, fake, seed, config)  # the function imported above, not the patched name
+
+    monkeypatch.setattr("toolkit.bench.swd.naive_swd", spy)
+    doc = bench_swd(images=1030, size=16)
+    assert seen == [1024] and doc["naive_images"] == 1024 and doc["images"] == 1030
+    assert doc["speedup_extrapolated"] and doc["max_abs_diff"] < 1e-3
+    assert doc["speedup"] == pytest.approx(doc["naive_seconds_per_image"] * 1030 / doc["seconds"], rel=0.05)
+    assert {"bench", "size", "device", "seconds", "swd_x1e3_avg"} <= doc.keys()

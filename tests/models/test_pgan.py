@@ -231,3 +231,50 @@ def test_gradients_reach_every_parameter(tiny):
     D.zero_grad(set_to_none=True)
     D(G(torch.randn(4, 16), 0.5), 0.5).sum().backward()
     assert G.to_rgb[-2].weight.grad.abs().sum() > 0 and D.from_rgb[-2].conv.weight.grad.abs().sum() > 0
+
+
+def _schedule_hours(rates_stable: dict, rates_fading: dict, schedule) -> float:
+    """Hours of ``schedule`` at the given img/s, iteration by iteration (the slow way, independent of the bench)."""
+    from toolkit.train.pgan_schedule import ticks
+
+    seconds = 0.0
+    for tick in ticks(schedule):
+        for _, lod, minibatch in tick.iterations:
+            resolution = str(2 ** (schedule.resolution_log2 - math.floor(lod)))
+            rate = rates_fading[resolution] if lod != math.floor(lod) else rates_stable[resolution]
+            seconds += schedule.minibatch_repeats * minibatch / rate
+    return seconds / 3600
+
+
+def test_bench_pgan_projects_the_schedule_from_its_per_resolution_rates():
+    from toolkit.bench.pgan import bench_pgan
+    from toolkit.train.pgan_schedule import ScheduleConfig
+
+    # 1 kimg per phase: 4² stable, then fade and stable at 8², 16², 32²
+    schedule = ScheduleConfig(resolution=TINY.resolution, total_kimg=7, lod_training_kimg=1, lod_transition_kimg=1,
+                              minibatch={4: 8, 8: 8, 16: 4, 32: 4})
+    doc = bench_pgan(TINY, schedule, steps=1, warmup=1)
+    assert doc["precision"] == "fp32" and doc["batch"] == 4 and doc["total_kimg"] == 7
+    stable, fading = doc["img_per_s_stable"], doc["img_per_s_fading"]
+    assert stable.keys() == {"4", "8", "16", "32"} and fading.keys() == {"8", "16", "32"}
+    assert all(math.isfinite(r) and r > 0 for r in (*stable.values(), *fading.values()))
+    assert doc["img_per_s"] == stable["32"] and doc["img_per_s_per_resolution"] == stable
+    hours = doc["projected_hours"]
+    assert math.isfinite(hours) and hours > 0
+    assert hours == pytest.approx(_schedule_hours(stable, fading, schedule), rel=1e-9)
+
+
+def test_a_bf16_wgan_gp_step_keeps_fp32_weights_and_finite_losses():
+    from toolkit.train.distributed import Dist
+    from toolkit.train.pgan import WGANGP, PGANOptimConfig
+    from toolkit.train.precision import Precision
+
+    torch.manual_seed(0)
+    nets = WGANGP(TINY, PGANOptimConfig(), Dist(), Precision.for_device("bf16", torch.device("cpu")))
+    reals = torch.rand(4, 1, 32, 32) * 2 - 1
+    before = [p.clone() for p in nets.G_ema.parameters()]
+    loss_d, loss_g = nets.step(reals, 0.5, 4)  # fading into 32²: every path runs under autocast
+    assert loss_d.dtype == loss_g.dtype == torch.float32 and torch.isfinite(loss_d) and torch.isfinite(loss_g)
+    assert all(p.dtype == torch.float32 for p in (*nets.G.parameters(), *nets.D.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, nets.G_ema.parameters()))  # the EMA moved
+

@@ -155,3 +155,15 @@ def test_bench_unet_cpu():
     assert result["amp"] is False and result["channels_last"] is False and result["compile"] is False
     for key in ("params", "gflop_per_image_fwd", "img_per_s", "tflops"):
         assert result[key] > 0, key
+
+
+def test_channels_last_survives_the_transposed_conv_crop_under_global_batchnorm():
+    from toolkit.models.unet import UpConv
+    from toolkit.train.syncbn import convert
+
+    up = convert(UpConv(8, 4), all_reduce=lambda t: t)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    out = up(x)
+    assert out.shape == (2, 4, 12, 12)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert up(torch.randn(2, 8, 6, 6)).is_contiguous()  # NCHW in, NCHW out

@@ -3,6 +3,7 @@
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from toolkit.train.checkpoint import Checkpoints, rng_state, set_rng_state
@@ -35,3 +36,22 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     set_rng_state(Checkpoints.load(ckpts.latest())["rng"])
     again = (random.random(), float(np.random.rand()), torch.rand(3))
     assert expected[:2] == again[:2] and torch.equal(expected[2], again[2])
+
+
+def test_background_save_writes_the_state_as_it_was_when_saved(tmp_path):
+    ckpts = Checkpoints(tmp_path)
+    weights = torch.zeros(1000)
+    ckpts.save({"w": weights}, 7, background=True)
+    weights.add_(1)  # training goes on while the writer thread runs
+    ckpts.wait()
+    assert ckpts.latest().name == "ckpt-000000007.pt"
+    assert torch.equal(Checkpoints.load(ckpts.latest())["w"], torch.zeros(1000))
+
+
+def test_a_failed_background_save_is_raised_by_the_next_wait(tmp_path):
+    ckpts = Checkpoints(tmp_path)
+    (tmp_path / "checkpoints").write_text("a file where the folder should be")
+    ckpts.save({"w": torch.zeros(2)}, 1, background=True)
+    with pytest.raises(OSError):
+        ckpts.wait()
+    ckpts.wait()  # reported once

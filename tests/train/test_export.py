@@ -16,6 +16,7 @@ from toolkit import config as configs
 from toolkit.cli import main
 from toolkit.data.dataset import SliceDataset, Source
 from toolkit.train import export
+from toolkit.train.precision import Precision
 from toolkit.train.unet import UNetRunConfig, build_model, forward
 
 CLASSES = 7
@@ -63,8 +64,9 @@ def evaluated(run_dir):
     model.eval()
     batch = SliceDataset.collate(SliceDataset([Source(cfg.data.real, "test", n=6)]).__getitems__(list(range(6))))
     with torch.no_grad():
-        probs, _ = forward(model, batch, best["stats"], CLASSES, torch.device("cpu"), cfg.runtime)
-    return batch["image"].numpy(), probs.numpy(), best["stats"]
+        probs, _ = forward(model, batch, best["stats"], CLASSES, torch.device("cpu"),
+                           Precision.for_device("fp32", torch.device("cpu")))
+    return batch["image"].numpy().astype(np.float32), probs.numpy(), best["stats"]
 
 
 @pytest.fixture

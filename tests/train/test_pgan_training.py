@@ -17,10 +17,12 @@ import pytest
 import torch
 import yaml
 
+from toolkit.config import load
 from toolkit.data.png import read_png
 from toolkit.data.store import Store, verify
 from toolkit.mpi import clean_environment, mpirun_command
-from toolkit.train.pgan import to_labels, to_unit
+from toolkit.train.distributed import Dist
+from toolkit.train.pgan import PGANRunConfig, PGANTask, to_labels, to_unit
 
 CLI = [sys.executable, "-m", "toolkit.cli"]
 
@@ -59,6 +61,21 @@ def test_labels_map_to_unit_range_and_back():
     assert unit[0] == -1 and unit[-1] == 1
     assert torch.equal(to_labels(unit), labels)
     assert to_labels(torch.tensor([-3.0, 0.05, 5.0])).tolist() == [0, 3, 6]  # rounded to the nearest class, clipped
+
+
+def test_resident_masks_are_the_non_empty_train_rows_of_the_store(store_64, tmp_path):
+    task = PGANTask(load(PGANRunConfig, write_config(tmp_path / "pgan.yaml", store_64)), Dist(), tmp_path / "run")
+    labels = Store(store_64).read("train")["label"]
+    expected = torch.from_numpy(labels[labels.reshape(len(labels), -1).any(axis=1)])
+    assert task.masks.dtype == torch.uint8 and task.masks.device == Dist().device
+    assert len(expected) < len(labels) and torch.equal(task.masks, expected)
+
+
+def test_compiling_the_pgan_is_refused_until_the_fade_is_compile_friendly(tmp_path):
+    config = load(PGANRunConfig, write_config(tmp_path / "pgan.yaml", tmp_path / "nowhere"),
+                  ["runtime.compile=default"])
+    with pytest.raises(ValueError, match=r"runtime\.compile.*not supported by the PGAN"):
+        PGANTask(config, Dist(), tmp_path / "run")
 
 
 def test_dry_schedule_of_the_paper_config_has_205_ticks():

@@ -82,8 +82,9 @@ def split_lod(lod: float, max_lod: int) -> tuple[int, float]:
 
 
 def pixel_norm(x: torch.Tensor, eps: float = PIXELNORM_EPS) -> torch.Tensor:
-    """Normalise each pixel's feature vector to unit mean square over channels (dim 1)."""
-    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + eps)
+    """Normalise each pixel's feature vector to unit mean square over channels (dim 1); the statistic in fp32 whatever
+    ``x``'s format (under bf16 autocast a mean of 512 squares would lose the 1e-8 and most of its digits)."""
+    return x * torch.rsqrt(x.float().square().mean(dim=1, keepdim=True) + eps).to(x.dtype)
 
 
 def lrelu(x: torch.Tensor) -> torch.Tensor:

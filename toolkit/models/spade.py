@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import spectral_norm
+
+from toolkit.models.spectral_norm import spectral_norm
 
 UPSAMPLINGS = 5  # 'normal': the generator doubles its resolution five times
 

@@ -112,8 +112,11 @@ class UpConv(nn.Module):
         self.bn = _bn(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Upsample ``[N, in, H, W]`` to ``[N, out, 2H, 2W]``."""
-        return self.bn(self.conv(x)[..., :-1, :-1])
+        """Upsample ``[N, in, H, W]`` to ``[N, out, 2H, 2W]``, in the input's memory format."""
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        # the crop is a strided view; made dense in the input's format, so channels_last survives BatchNorm and the
+        # decoder's convs (an elementwise op on a non-dense view returns NCHW)
+        return self.bn(self.conv(x)[..., :-1, :-1].contiguous(memory_format=fmt))
 
 
 class DecoderLevel(nn.Module):

@@ -3,6 +3,10 @@
 Shard k's latents come from a generator seeded by (seed, k), so a killed generation resumes by skipping finished
 shards (checksums verified by :class:`StoreWriter`) and produces the same store as an uninterrupted one. Generator
 outputs in [−1, 1] are mapped back to label values 0…6, rounded to the nearest class and clipped.
+
+Run it plainly or under ``mpirun -n K`` / ``srun --mpi=pmix``: ranks take the shards round-robin, each on its own GPU
+(:func:`~toolkit.train.distributed.mpi_device`), and rank 0 finishes the store (:mod:`toolkit.train.ranks`); since
+shard k depends on k only, the store is byte-identical for any rank count.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from toolkit.config import from_dict
 from toolkit.data.prepare import export_png
-from toolkit.data.store import MANIFEST, Manifest, Store, StoreWriter, shard_name
+from toolkit.data.store import MANIFEST, Manifest, Store, shard_name
 from toolkit.models.pgan import Generator, PGANConfig
+from toolkit.train.distributed import mpi_device
 from toolkit.train.pgan import to_labels
+from toolkit.train.ranks import world, write_shards
 from toolkit.train.sampling import epoch_seed
 
 log = logging.getLogger(__name__)
@@ -52,36 +57,39 @@ def load_generator(path: Path, device: torch.device) -> tuple[Generator, dict[st
 def generate_labels(generator: Generator, lod: float, latents: torch.Tensor, batch: int) -> np.ndarray:
     """Label maps uint8 [n, R, R] for ``latents``, ``batch`` at a time."""
     device = next(generator.parameters()).device
-    parts = [to_labels(generator(latents[i:i + batch].to(device), lod)[:, 0]).cpu()
-             for i in range(0, len(latents), batch)]
-    return torch.cat(parts).numpy()
+    latents = latents.to(device)  # one upload, and one download at the end: no host synchronisation per batch
+    return torch.cat([to_labels(generator(latents[i:i + batch], lod)[:, 0])
+                      for i in range(0, len(latents), batch)]).cpu().numpy()
 
 
 def generate_masks(run_dir: Path, n: int, out: Path, *, snapshot: str = "best", seed: int = 0,
-                   shard_size: int = 1024, batch: int = 64, device: str | None = None, png: bool = False) -> Manifest:
+                   shard_size: int = 1024, batch: int = 64, device: str | None = None, png: bool = False,
+                   comm: Any = None) -> Manifest | None:
     """Write ``n`` generated masks as the train split of the synthetic store ``out`` (optionally with a PNG export);
-    a complete store is kept as it is."""
+    a complete store is kept as it is. Collective over ``comm`` (default ``MPI.COMM_WORLD``); rank 0 returns the
+    manifest, other ranks None."""
+    comm = world(comm)
     out = Path(out)
-    if (out / MANIFEST).exists():
+    if (out / MANIFEST).exists():  # checked on every rank, so that all of them stop
         log.info("%s: store is already complete", out)
-        return Store(out).manifest
+        return Store(out).manifest if comm.Get_rank() == 0 else None
     if n < 1:
         raise ValueError(f"--n must be ≥ 1, got {n}")
     path = snapshot_path(run_dir, snapshot)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    generator, meta = load_generator(path, dev)
-    latent = generator.config.latent
-    writer = StoreWriter(out, classes=7)
+    generator, meta = load_generator(path, mpi_device(comm, device))
+    latent, lod = generator.config.latent, float(meta["lod"])
     shards = -(-n // shard_size)
-    for k in tqdm(range(shards), desc="shards", disable=None):
-        rows = min(shard_size, n - k * shard_size)
-        if writer.done("train", k):
-            continue
-        z = torch.randn(rows, latent, generator=torch.Generator().manual_seed(epoch_seed(seed, k)))
-        labels = generate_labels(generator, float(meta["lod"]), z, batch)
+
+    def make(split: str, k: int) -> dict[str, Any]:
         first = k * shard_size
-        writer.write("train", k, label=labels, subject=[f"{path.stem}-{first + i:07d}" for i in range(rows)],
-                     slice_index=np.full(rows, -1))
+        rows = min(shard_size, n - first)
+        z = torch.randn(rows, latent, generator=torch.Generator().manual_seed(epoch_seed(seed, k)))
+        return {"label": generate_labels(generator, lod, z, batch),
+                "subject": [f"{path.stem}-{first + i:07d}" for i in range(rows)], "slice_index": np.full(rows, -1)}
+
+    writer = write_shards(out, 7, [("train", k) for k in range(shards)], make, comm)
+    if writer is None:
+        return None
     if png:
         for k in range(shards):
             export_png((out, out / shard_name("train", k)))

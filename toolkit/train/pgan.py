@@ -13,8 +13,11 @@ Fills in :class:`toolkit.train.loop.Task` with the official recipe (reference: s
 - multi-process (``--dist ddp``): as the official multi-GPU code, each rank takes minibatch / ranks of every minibatch
   and gradients are averaged over ranks; minibatch-stddev therefore sees only the rank's share (groups stay per GPU).
 
-Real minibatches are drawn with a generator seeded by (seed, iteration), latents and GP mixing weights from the global
-torch RNG (restored from checkpoints), so a resumed run continues bit-identically on CPU.
+The masks are read once and stay on the run's device as one uint8 tensor; real minibatches are rows drawn there with
+a generator seeded by (seed, iteration), latents and GP mixing weights come from the device's global torch RNG
+(restored from checkpoints), so a resumed run continues bit-identically on CPU and a step never waits for the host.
+Precision: bf16 autocast where the GPU has it, else fp32 — never fp16, whose loss scaling would have to reach through
+the gradient penalty's double backward.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,8 +40,9 @@ from toolkit.report.figures import sample_grid
 from toolkit.train.distributed import Dist
 from toolkit.train.loop import LoopConfig
 from toolkit.train.pgan_schedule import ScheduleConfig, Tick, optimizer_reset, ticks
+from toolkit.train.precision import Precision
+from toolkit.train.runtime import RuntimeConfig, adam, prepare_device
 from toolkit.train.sampling import epoch_seed
-from toolkit.train.unet import RuntimeConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,26 +96,123 @@ def reals_at(labels: torch.Tensor, resolution: int) -> torch.Tensor:
     return F.avg_pool2d(reals, factor) if factor > 1 else reals
 
 
+RESIDENT_CHUNK = 1024  # rows per read while loading the masks: bounds the host copy, not the device tensor
+
+
+def resident_masks(data: PGANDataConfig, resolution: int, device: torch.device) -> torch.Tensor:
+    """The non-empty training masks of ``data`` as one uint8 tensor [N, S, S] on ``device`` (S: the store's size),
+    read chunk by chunk so the host never holds more than a chunk."""
+    source = Source(data.store, "train", n="reduced" if data.reduced else None, drop_empty=True)
+    dataset = SliceDataset([source], classes=7, with_image=False)
+    size = dataset.image_size
+    if size < resolution:
+        raise ValueError(f"{data.store}: masks are {size}², smaller than the PGAN's {resolution}²")
+    log.info("PGAN on %s non-empty masks (%.1f MiB resident on %s)", dataset.describe(),
+             len(dataset) * size * size / 2**20, device)
+    masks = torch.empty((len(dataset), size, size), dtype=torch.uint8, device=device)
+    try:
+        for start in range(0, len(dataset), RESIDENT_CHUNK):
+            rows = range(start, min(start + RESIDENT_CHUNK, len(dataset)))
+            masks[rows.start:rows.stop] = dataset.collate(dataset.__getitems__(rows))["label"].to(device)
+    finally:
+        dataset.close()
+    return masks
+
+
 def to_labels(images: torch.Tensor) -> torch.Tensor:
     """Generator output in [−1, 1] → nearest class in 0…6 (uint8)."""
     return torch.round((images + 1) * (MAX_LABEL / 2)).clamp(0, MAX_LABEL).to(torch.uint8)
 
 
 def d_loss(G: Generator, D: Discriminator, reals: torch.Tensor, latents: torch.Tensor, mix: torch.Tensor, lod: float,
-           o: PGANOptimConfig) -> torch.Tensor:
-    """WGAN-GP discriminator loss: D(fake) − D(real) + λ·(‖∇D(x̂)‖₂ − 1)² + ε·D(real)², x̂ = lerp(real, fake, mix)."""
-    with torch.no_grad():
-        fakes = G(latents, lod)
-    real_scores, fake_scores = D(reals, lod).flatten(), D(fakes, lod).flatten()
+           o: PGANOptimConfig, precision: Precision) -> torch.Tensor:
+    """WGAN-GP discriminator loss: D(fake) − D(real) + λ·(‖∇D(x̂)‖₂ − 1)² + ε·D(real)², x̂ = lerp(real, fake, mix).
+
+    Forwards run under the precision policy; scores and the penalty's gradient norm are fp32 (a bf16 norm of ~10⁶
+    elements would be too coarse for the (‖∇‖ − 1)² term)."""
+    with precision.autocast():
+        with torch.no_grad():
+            fakes = G(latents, lod).float()
+        real_scores, fake_scores = D(reals, lod).float().flatten(), D(fakes, lod).float().flatten()
     mixed = (reals + mix * (fakes - reals)).requires_grad_(True)
-    (grad,) = torch.autograd.grad(D(mixed, lod).sum(), mixed, create_graph=True)
-    penalty = (grad.flatten(1).norm(dim=1) - 1) ** 2
+    with precision.autocast():
+        mixed_scores = D(mixed, lod).float()
+    (grad,) = torch.autograd.grad(mixed_scores.sum(), mixed, create_graph=True)
+    penalty = (grad.float().flatten(1).norm(dim=1) - 1) ** 2
     return (fake_scores - real_scores + o.gp_lambda * penalty + o.drift * real_scores**2).mean()
 
 
-def g_loss(G: Generator, D: Discriminator, latents: torch.Tensor, lod: float) -> torch.Tensor:
+def g_loss(G: Generator, D: Discriminator, latents: torch.Tensor, lod: float, precision: Precision) -> torch.Tensor:
     """WGAN generator loss: −D(G(z))."""
-    return -D(G(latents, lod), lod).mean()
+    with precision.autocast():
+        scores = D(G(latents, lod), lod).float()
+    return -scores.mean()
+
+
+class WGANGP:
+    """G, D, the EMA of G, their Adam states, and one WGAN-GP step pair (D step, G step, EMA update) under the run's
+    precision: what the trainer repeats and what ``bench pgan`` times.
+
+    Every tensor a step creates is drawn on ``dist.device`` from the global RNG, so on the CPU the draws are those of
+    a CPU run and on CUDA they come from the CUDA RNG (both restored from checkpoints); nothing reads a value back to
+    the host.
+    """
+
+    def __init__(self, model: PGANConfig, optim: PGANOptimConfig, dist: Dist, precision: Precision) -> None:
+        self.model, self.optim, self.dist, self.precision = model, optim, dist, precision
+        self.G = Generator(model).to(dist.device)
+        self.D = Discriminator(model).to(dist.device)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.reset_optimizers()
+
+    def reset_optimizers(self) -> None:
+        o, device = self.optim, self.dist.device
+        self.opt_G, self.opt_D = (adam(net.parameters(), device, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+                                  for net in (self.G, self.D))
+
+    def share(self, minibatch: int) -> slice:
+        """This rank's rows of a minibatch: the official multi-GPU split (each GPU takes minibatch / GPUs)."""
+        size = minibatch // self.dist.world_size
+        return slice(self.dist.rank * size, (self.dist.rank + 1) * size)
+
+    def step(self, reals: torch.Tensor, lod: float, minibatch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One D step on this rank's full-resolution ``reals`` (faded to ``lod`` here), one G step and the EMA update;
+        the two losses, detached."""
+        loss_d = self._d_step(blend_reals(reals, lod), lod, minibatch)
+        loss_g = self._g_step(lod, minibatch)
+        self._update_ema()
+        return loss_d, loss_g
+
+    def _draw(self, minibatch: int, *shape: int, uniform: bool = False) -> torch.Tensor:
+        """This rank's rows of a whole-minibatch draw from the global RNG: every rank draws the same numbers, so the
+        RNG state stays identical across ranks and a run is the same whatever the rank count (but for mbstd)."""
+        device = self.dist.device
+        values = torch.rand(minibatch, *shape, device=device) if uniform else torch.randn(minibatch, *shape,
+                                                                                           device=device)
+        return values[self.share(minibatch)]
+
+    def _d_step(self, reals: torch.Tensor, lod: float, minibatch: int) -> torch.Tensor:
+        latents = self._draw(minibatch, self.model.latent)
+        mix = self._draw(minibatch, 1, 1, 1, uniform=True)
+        loss = d_loss(self.G, self.D, reals, latents, mix, lod, self.optim, self.precision)
+        self.opt_D.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        self.dist.average_gradients(self.D.parameters())  # official multi-GPU rule
+        self.precision.step(self.opt_D)
+        return loss.detach()
+
+    def _g_step(self, lod: float, minibatch: int) -> torch.Tensor:
+        loss = g_loss(self.G, self.D, self._draw(minibatch, self.model.latent), lod, self.precision)
+        self.opt_G.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        self.dist.average_gradients(self.G.parameters())  # official multi-GPU rule
+        self.precision.step(self.opt_G)
+        return loss.detach()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # one fused multi-tensor kernel instead of a launch per parameter (~100 of them)
+        torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G.parameters()), 1 - self.optim.ema)
 
 
 @dataclass(frozen=True)
@@ -127,31 +227,28 @@ class Iteration:
 
 
 class PGANTask:
-    """Networks, optimisers, EMA and the per-iteration WGAN-GP computation."""
+    """The training masks (resident on the device), the schedule, and per iteration ``minibatch_repeats`` WGAN-GP
+    step pairs of :class:`WGANGP`."""
 
     def __init__(self, cfg: PGANRunConfig, dist: Dist, run_dir: Path) -> None:
         if any(mb % dist.world_size for mb in cfg.schedule.minibatch.values()):
             raise ValueError(f"every schedule.minibatch must be divisible by the {dist.world_size} ranks")
+        if cfg.runtime.compile != "none":
+            # the fade alpha is a Python float inside G and D: a compiled graph would recompile for every lod
+            raise ValueError(f"runtime.compile: {cfg.runtime.compile!r} is not supported by the PGAN yet; use none")
         self.cfg, self.dist, self.run_dir = cfg, dist, Path(run_dir)
-        source = Source(cfg.data.store, "train", n="reduced" if cfg.data.reduced else None, drop_empty=True)
-        self.data = SliceDataset([source], classes=7, with_image=False)
-        if self.data.image_size < cfg.model.resolution:
-            raise ValueError(f"{cfg.data.store}: masks are {self.data.image_size}², smaller than the PGAN's "
-                             f"{cfg.model.resolution}²")
-        log.info("PGAN on %s non-empty masks", self.data.describe())
-        self.ticks: list[Tick] = ticks(replace(cfg.schedule, resolution=cfg.model.resolution))
-        torch.manual_seed(cfg.seed)
         device = dist.device
-        self.G = Generator(cfg.model).to(device)
-        self.D = Discriminator(cfg.model).to(device)
-        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        self.opt_G, self.opt_D = self._optimizer(self.G), self._optimizer(self.D)
+        prepare_device(device)
+        self.masks = resident_masks(cfg.data, cfg.model.resolution, device)
+        self.ticks: list[Tick] = ticks(replace(cfg.schedule, resolution=cfg.model.resolution))
+        # real rows are drawn where the masks live: on CUDA no index copy crosses from the host
+        self.row_generator = torch.Generator(device)
+        self.precision = Precision.for_device(cfg.runtime.precision, device, allow_fp16=False)
+        log.info("PGAN in %s on %s", self.precision.name, device)
+        torch.manual_seed(cfg.seed)
+        self.nets = WGANGP(cfg.model, cfg.optim, dist, self.precision)
         self.prev_lod = -1.0
         self.sample_z = torch.randn(cfg.samples, cfg.model.latent, generator=torch.Generator().manual_seed(cfg.seed))
-
-    def _optimizer(self, net: torch.nn.Module) -> torch.optim.Adam:
-        o = self.cfg.optim
-        return torch.optim.Adam(net.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
     def loop_config(self) -> LoopConfig:
         return replace(self.cfg.loop, epochs=len(self.ticks))
@@ -167,60 +264,23 @@ class PGANTask:
 
     def _iteration(self, index: int, nimg: int, lod: float, minibatch: int) -> Iteration:
         repeats = self.cfg.schedule.minibatch_repeats
-        rows = torch.randint(len(self.data), (repeats * minibatch,),
-                             generator=torch.Generator().manual_seed(epoch_seed(self.cfg.seed, index))).tolist()
-        labels = self.data.collate(self.data.__getitems__(rows))["label"]
-        reals = reals_at(labels, self.cfg.model.resolution)
-        reals = reals.reshape(repeats, minibatch, *reals.shape[1:])[:, self._share(minibatch)]
-        return Iteration(index, nimg, lod, minibatch, reals)
-
-    def _share(self, minibatch: int) -> slice:
-        """This rank's rows of a minibatch: the official multi-GPU split (each GPU takes minibatch / GPUs)."""
-        size = minibatch // self.dist.world_size
-        return slice(self.dist.rank * size, (self.dist.rank + 1) * size)
+        self.row_generator.manual_seed(epoch_seed(self.cfg.seed, index))
+        rows = torch.randint(len(self.masks), (repeats * minibatch,), generator=self.row_generator,
+                             device=self.masks.device)
+        rows = rows.view(repeats, minibatch)[:, self.nets.share(minibatch)]
+        reals = reals_at(self.masks[rows.reshape(-1)], self.cfg.model.resolution)
+        return Iteration(index, nimg, lod, minibatch, reals.view(*rows.shape, *reals.shape[1:]))
 
     # --- steps ------------------------------------------------------------------------------------------------
-    def train_step(self, it: Iteration) -> dict[str, float]:
+    def train_step(self, it: Iteration) -> dict[str, torch.Tensor | float]:
         if optimizer_reset(self.prev_lod, it.lod):
             # official: Adam state is reset when a fade starts or ends (and at the start of training)
-            self.opt_G, self.opt_D = self._optimizer(self.G), self._optimizer(self.D)
+            self.nets.reset_optimizers()
         self.prev_lod = it.lod
-        d_losses, g_losses = [], []
-        for reals in it.reals.to(self.dist.device):
-            d_losses.append(self._d_step(blend_reals(reals, it.lod), it.lod, it.minibatch))
-            g_losses.append(self._g_step(it.minibatch, it.lod))
-            self._update_ema()
-        return {"loss_d": float(np.mean(d_losses)), "loss_g": float(np.mean(g_losses)), "lod": it.lod,
+        losses = [self.nets.step(reals, it.lod, it.minibatch) for reals in it.reals]
+        d_losses, g_losses = zip(*losses)
+        return {"loss_d": torch.stack(d_losses).mean(), "loss_g": torch.stack(g_losses).mean(), "lod": it.lod,
                 "kimg": (it.nimg + len(it.reals) * it.minibatch) / 1000}
-
-    def _draw(self, minibatch: int, *shape: int, uniform: bool = False) -> torch.Tensor:
-        """This rank's rows of a whole-minibatch draw from the global RNG: every rank draws the same numbers, so the
-        RNG state stays identical across ranks and a run is the same whatever the rank count (but for mbstd)."""
-        values = torch.rand(minibatch, *shape) if uniform else torch.randn(minibatch, *shape)
-        return values[self._share(minibatch)].to(self.dist.device)
-
-    def _d_step(self, reals: torch.Tensor, lod: float, minibatch: int) -> float:
-        latents = self._draw(minibatch, self.cfg.model.latent)
-        mix = self._draw(minibatch, 1, 1, 1, uniform=True)
-        loss = d_loss(self.G, self.D, reals, latents, mix, lod, self.cfg.optim)
-        self.opt_D.zero_grad(set_to_none=True)
-        loss.backward()
-        self.dist.average_gradients(self.D.parameters())  # official multi-GPU rule
-        self.opt_D.step()
-        return float(loss.detach())
-
-    def _g_step(self, minibatch: int, lod: float) -> float:
-        loss = g_loss(self.G, self.D, self._draw(minibatch, self.cfg.model.latent), lod)
-        self.opt_G.zero_grad(set_to_none=True)
-        loss.backward()
-        self.dist.average_gradients(self.G.parameters())  # official multi-GPU rule
-        self.opt_G.step()
-        return float(loss.detach())
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        for ema, live in zip(self.G_ema.parameters(), self.G.parameters()):
-            ema.lerp_(live, 1 - self.cfg.optim.ema)
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         """End of a tick: write the snapshot and a sample grid of the EMA generator."""
@@ -230,22 +290,24 @@ class PGANTask:
         if not self.dist.is_main:
             return summary
         with atomic_path(self.run_dir / "snapshots" / f"tick-{epoch:04d}.pt") as tmp:
-            torch.save({"G_ema": self.G_ema.state_dict(), "model": to_dict(self.cfg.model), "lod": lod,
+            torch.save({"G_ema": self.nets.G_ema.state_dict(), "model": to_dict(self.cfg.model), "lod": lod,
                         "kimg": tick.end_nimg / 1000, "tick": epoch, "store": str(self.cfg.data.store)}, tmp)
         with torch.no_grad():
-            samples = to_labels(self.G_ema(self.sample_z.to(self.dist.device), lod)[:, 0]).cpu().numpy()
+            samples = to_labels(self.nets.G_ema(self.sample_z.to(self.dist.device), lod)[:, 0]).cpu().numpy()
         sample_grid(samples, self.run_dir / "samples" / f"tick-{epoch:04d}.png", title=f"tick {epoch}, lod {lod:.2f}")
         return summary
 
     # --- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
-                "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(), "prev_lod": self.prev_lod}
+        n = self.nets
+        return {"G": n.G.state_dict(), "D": n.D.state_dict(), "G_ema": n.G_ema.state_dict(),
+                "opt_G": n.opt_G.state_dict(), "opt_D": n.opt_D.state_dict(), "prev_lod": self.prev_lod}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.G.load_state_dict(state["G"], strict=True)
-        self.D.load_state_dict(state["D"], strict=True)
-        self.G_ema.load_state_dict(state["G_ema"], strict=True)
-        self.opt_G.load_state_dict(state["opt_G"])
-        self.opt_D.load_state_dict(state["opt_D"])
+        n = self.nets
+        n.G.load_state_dict(state["G"], strict=True)
+        n.D.load_state_dict(state["D"], strict=True)
+        n.G_ema.load_state_dict(state["G_ema"], strict=True)
+        n.opt_G.load_state_dict(state["opt_G"])
+        n.opt_D.load_state_dict(state["opt_D"])
         self.prev_lod = float(state["prev_lod"])

@@ -1,6 +1,7 @@
 """`tumorsynth evaluate swd PGAN_RUN`: SWD of every tick snapshot against the real masks, spread over MPI ranks.
 
-Run it plainly (one rank) or under ``mpirun -n K`` / ``srun --mpi=pmix``: rank 0 computes (or loads) the real set's
+Run it plainly (one rank) or under ``mpirun -n K`` / ``srun --mpi=pmix``, each rank on its own GPU
+(:func:`~toolkit.train.distributed.mpi_device`): rank 0 computes (or loads) the real set's
 descriptors once and caches them in the run, ranks take the unscored snapshots round-robin, rank 0 gathers the rows and
 writes ``swd.csv`` (atomically), ``swd.png`` (SWD versus tick) and the pointer ``snapshots/best`` (lowest average SWD).
 A re-run scores only snapshots missing from ``swd.csv``.
@@ -32,8 +33,10 @@ from toolkit.metrics.swd import (
     swd_from_descriptors,
 )
 from toolkit.report.figures import curve
+from toolkit.train.distributed import mpi_device
 from toolkit.train.generate import generate_labels, load_generator
 from toolkit.train.pgan import reals_at, to_labels
+from toolkit.train.ranks import world
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +70,13 @@ def _score(snapshot: Path, real_desc: list[torch.Tensor], n: int, seed: int, dev
 def evaluate_snapshots(run_dir: Path, *, real: Path | None = None, images: int = 16384, seed: int = 0,
                        device: str | None = None) -> dict[str, Any]:
     """Score every unscored snapshot of ``run_dir`` (collectively over MPI ranks); rank 0 returns the summary."""
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
+    comm = world()
     rank, size = comm.Get_rank(), comm.Get_size()
     run_dir = Path(run_dir)
     snapshots = sorted((run_dir / "snapshots").glob("tick-*.pt"))
     if not snapshots:
         raise FileNotFoundError(f"{run_dir / 'snapshots'}: no tick snapshots to evaluate")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = mpi_device(comm, device)
     scored = _read_scores(run_dir / "swd.csv")
     todo = [s for s in snapshots if s.stem not in scored]
     cache = run_dir / "swd-real.pt"

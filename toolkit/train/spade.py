@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from toolkit.atomic import atomic_path
 from toolkit.config import from_dict, to_dict
@@ -36,9 +35,10 @@ from toolkit.data.store import Store
 from toolkit.models.spade import MultiscaleDiscriminator, SPADEConfig, SPADEGenerator, one_hot
 from toolkit.report.figures import row_grid
 from toolkit.train.distributed import Dist
+from toolkit.train.loader import EpochBatches, EpochLoader, to_device
 from toolkit.train.loop import LoopConfig
-from toolkit.train.sampling import rank_batches
-from toolkit.train.unet import RuntimeConfig
+from toolkit.train.precision import Precision
+from toolkit.train.runtime import RuntimeConfig, adam, compiled, prepare_device
 
 log = logging.getLogger(__name__)
 
@@ -115,39 +115,38 @@ def split_scores(scores: list[list[torch.Tensor]]) -> tuple[list[list[torch.Tens
     return [[f for f, _ in h] for h in halves], [[r for _, r in h] for h in halves]
 
 
-def _autocast(device: torch.device, amp: bool) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-
-
-def _discriminate(D: torch.nn.Module, segmap: torch.Tensor, fake: torch.Tensor, real: torch.Tensor, amp: bool
-                  ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+def _discriminate(D: torch.nn.Module, segmap: torch.Tensor, fake: torch.Tensor, real: torch.Tensor,
+                  precision: Precision) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     """D's outputs on fake and on real, from one pass over both (as officially: one spectral-norm power step)."""
-    with _autocast(real.device, amp):
+    with precision.autocast():
         scores = D(torch.cat([segmap, segmap]), torch.cat([fake, real]))
     return split_scores([[f.float() for f in features] for features in scores])
 
 
 def train_iteration(G: torch.nn.Module, D: torch.nn.Module, opt_G: torch.optim.Optimizer,
                     opt_D: torch.optim.Optimizer, segmap: torch.Tensor, real: torch.Tensor, *, lambda_feat: float,
-                    amp: bool) -> dict[str, float]:
-    """One official SPADE iteration: a G step (hinge + feature matching), then a D step on a fresh, detached fake."""
-    with _autocast(real.device, amp):
+                    precision: Precision) -> dict[str, torch.Tensor]:
+    """One official SPADE iteration: a G step (hinge + feature matching), then a D step on a fresh, detached fake.
+
+    The losses come back as detached device tensors: reading them is the caller's host synchronisation.
+    """
+    with precision.autocast():
         fake = G(segmap)
-    on_fake, on_real = _discriminate(D, segmap, fake, real, amp)
+    on_fake, on_real = _discriminate(D, segmap, fake, real, precision)
     loss_gan, loss_feat = hinge_g(on_fake), lambda_feat * feature_matching(on_fake, on_real)
     opt_G.zero_grad(set_to_none=True)
-    (loss_gan + loss_feat).backward()
-    opt_G.step()
+    precision.backward(loss_gan + loss_feat)
+    precision.step(opt_G)
 
-    with torch.no_grad(), _autocast(real.device, amp):
+    with torch.no_grad(), precision.autocast():
         fake = G(segmap)
-    on_fake, on_real = _discriminate(D, segmap, fake.detach(), real, amp)
+    on_fake, on_real = _discriminate(D, segmap, fake.detach(), real, precision)
     loss_d_fake, loss_d_real = hinge_d(on_fake, real=False), hinge_d(on_real, real=True)
     opt_D.zero_grad(set_to_none=True)
-    (loss_d_fake + loss_d_real).backward()
-    opt_D.step()
+    precision.backward(loss_d_fake + loss_d_real)
+    precision.step(opt_D)
     losses = {"loss_g_gan": loss_gan, "loss_g_feat": loss_feat, "loss_d_fake": loss_d_fake, "loss_d_real": loss_d_real}
-    return {k: float(v.detach()) for k, v in losses.items()}
+    return {k: v.detach() for k, v in losses.items()}
 
 
 class SPADETask:
@@ -177,17 +176,21 @@ class SPADETask:
         self.val_batch = val.collate(val.__getitems__(list(range(min(cfg.samples, len(val))))))
         log.info("SPADE on %s; intensity max %.0f", self.train_set.describe(), self.intensity_max)
 
+        runtime = cfg.runtime
+        prepare_device(dist.device)
+        self.precision = Precision.for_device(runtime.precision, dist.device)
+        self.memory_format = runtime.memory_format(dist.device)
         torch.manual_seed(cfg.seed)
-        memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
-        self.G = SPADEGenerator(cfg.model).to(memory_format=memory_format)
-        self.D = MultiscaleDiscriminator(cfg.model).to(memory_format=memory_format)
-        self.G_net = dist.wrap(self.G, sync_bn=True)
-        self.D_net = dist.wrap(self.D)
-        if cfg.runtime.compile:
-            self.G_net, self.D_net = torch.compile(self.G_net), torch.compile(self.D_net)
+        self.G = SPADEGenerator(cfg.model).to(memory_format=self.memory_format)
+        self.D = MultiscaleDiscriminator(cfg.model).to(memory_format=self.memory_format)
+        self.G_net = compiled(dist.wrap(self.G, sync_bn=True), runtime.compile)
+        self.D_net = compiled(dist.wrap(self.D), runtime.compile)
         o = cfg.optim
-        self.opt_G = dist.optimizer(torch.optim.Adam(self.G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2)))
-        self.opt_D = dist.optimizer(torch.optim.Adam(self.D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2)))
+        self.opt_G = dist.optimizer(adam(self.G.parameters(), dist.device, lr=o.lr_g, betas=(o.beta1, o.beta2)))
+        self.opt_D = dist.optimizer(adam(self.D.parameters(), dist.device, lr=o.lr_d, betas=(o.beta1, o.beta2)))
+        self.loader = EpochLoader(self.train_set, EpochBatches(len(self.train_set), o.batch, seed=cfg.seed,
+                                                               rank=dist.rank, world_size=dist.world_size),
+                                  workers=d.workers, device=dist.device)
 
     def loop_config(self) -> LoopConfig:
         return self.cfg.loop
@@ -208,25 +211,20 @@ class SPADETask:
         for optimizer, lr in ((self.opt_G, self.cfg.optim.lr_g), (self.opt_D, self.cfg.optim.lr_d)):
             for group in optimizer.param_groups:
                 group["lr"] = lr * scale
-        mine = rank_batches(len(self.train_set), self.cfg.optim.batch, seed=self.cfg.seed, epoch=epoch, start=start,
-                            rank=self.dist.rank, world_size=self.dist.world_size)
-        loader = DataLoader(self.train_set, batch_sampler=mine, num_workers=self.cfg.data.workers,
-                            collate_fn=SliceDataset.collate)
-        return iter(loader) if mine else iter(())
+        return self.loader.epoch(epoch, start)
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(one-hot mask, image in [−1, 1]) on the device, in the configured memory format."""
-        memory_format = torch.channels_last if self.cfg.runtime.channels_last else torch.contiguous_format
-        device = self.dist.device
-        segmap = one_hot(batch["label"].to(device, non_blocking=True), self.cfg.model.label_nc)
-        image = to_unit(batch["image"].to(device, non_blocking=True), self.intensity_max)
-        return segmap.contiguous(memory_format=memory_format), image.contiguous(memory_format=memory_format)
+        image, label = to_device(batch, self.dist.device)
+        segmap = one_hot(label, self.cfg.model.label_nc)
+        image = to_unit(image, self.intensity_max)
+        return segmap.contiguous(memory_format=self.memory_format), image.contiguous(memory_format=self.memory_format)
 
     # --- steps ------------------------------------------------------------------------------------------------
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         segmap, real = self._inputs(batch)
         return train_iteration(self.G_net, self.D_net, self.opt_G, self.opt_D, segmap, real,
-                               lambda_feat=self.cfg.optim.lambda_feat, amp=self.cfg.runtime.amp)
+                               lambda_feat=self.cfg.optim.lambda_feat, precision=self.precision)
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict[str, float]:
@@ -249,7 +247,8 @@ class SPADETask:
     # --- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"G": self.G.state_dict(), "D": self.D.state_dict(), "opt_G": self.opt_G.state_dict(),
-                "opt_D": self.opt_D.state_dict(), "intensity_max": self.intensity_max}
+                "opt_D": self.opt_D.state_dict(), "intensity_max": self.intensity_max,
+                "precision": self.precision.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if float(state["intensity_max"]) != self.intensity_max:
@@ -259,6 +258,7 @@ class SPADETask:
         self.D.load_state_dict(state["D"], strict=True)
         self.opt_G.load_state_dict(state["opt_G"])
         self.opt_D.load_state_dict(state["opt_D"])
+        self.precision.load_state_dict(state.get("precision", {}))
 
     def save_best(self, path: Path) -> None:
         save_generator(self.G, self.cfg.model, {**self.meta, "epoch": None}, path)

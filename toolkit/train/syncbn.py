@@ -49,13 +49,16 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
                 self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.to(self.running_mean.dtype))
                 unbiased = var * n / (n - 1)
                 self.running_var.mul_(1 - self.momentum).add_(self.momentum * unbiased.to(self.running_var.dtype))
-        # y = (x − mean)·scale + bias as one fused multiply-add over the activation: x·scale + (bias − mean·scale)
+        # y = (x − mean)·scale + bias, centred first: with x·scale + (bias − mean·scale) the weight gradient would be
+        # Σx·g − mean·Σg, which cancels catastrophically when |mean| ≫ std
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
             scale = self.weight.float() * scale
-        offset = -mean * scale if self.bias is None else self.bias.float() - mean * scale
         shape = (1, channels, 1, 1)
-        return torch.addcmul(offset.view(shape), xf, scale.view(shape)).to(x.dtype)
+        centred = xf - mean.view(shape)
+        out = centred * scale.view(shape) if self.bias is None else torch.addcmul(
+            self.bias.float().view(shape), centred, scale.view(shape))
+        return out.to(x.dtype)
 
 
 def convert(module: nn.Module, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:

@@ -6,22 +6,29 @@ of shard k of the input, so a killed synthesis resumes by skipping finished shar
 output is a pure function of the masks and the weights. Images are written as native uint16 with the intensity maximum
 the generator was trained with; the provenance names the SPADE run, its epoch and the mask store (with that store's own
 provenance, so a synthetic store traces back to the PGAN snapshot).
+
+Run it plainly or under ``mpirun -n K`` / ``srun --mpi=pmix``: ranks take the shards round-robin, each on its own GPU
+(:func:`~toolkit.train.distributed.mpi_device`), and rank 0 finishes the store — PNG export, manifest, preview
+(:mod:`toolkit.train.ranks`); output shard k depends on input shard k only, so the store is byte-identical for any
+rank count.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from toolkit.data.prepare import export_png
-from toolkit.data.store import MANIFEST, Manifest, Store, StoreWriter
+from toolkit.data.store import MANIFEST, Manifest, Store
 from toolkit.models.spade import one_hot
 from toolkit.report.figures import row_grid
+from toolkit.train.distributed import mpi_device
+from toolkit.train.ranks import world, write_shards
 from toolkit.train.spade import GENERATOR, load_generator, to_uint16
 
 log = logging.getLogger(__name__)
@@ -42,34 +49,37 @@ def synthesize(G: torch.nn.Module, labels: np.ndarray, intensity_max: float, bat
 
 
 def generate_images(run_dir: Path, masks: Path, out: Path, *, batch: int = 16, device: str | None = None,
-                    png: bool = False) -> Manifest:
-    """Write the paired synthetic store ``out`` for every mask of ``masks``; a complete store is kept as it is."""
+                    png: bool = False, comm: Any = None) -> Manifest | None:
+    """Write the paired synthetic store ``out`` for every mask of ``masks``; a complete store is kept as it is.
+    Collective over ``comm`` (default ``MPI.COMM_WORLD``); rank 0 returns the manifest, other ranks None."""
+    comm = world(comm)
     out = Path(out)
-    if (out / MANIFEST).exists():
+    if (out / MANIFEST).exists():  # checked on every rank, so that all of them stop
         log.info("%s: store is already complete", out)
-        return Store(out).manifest
+        return Store(out).manifest if comm.Get_rank() == 0 else None
     source = Store(masks)
     path = Path(run_dir) / GENERATOR
     if not path.exists():
         raise FileNotFoundError(f"{path}: no generator yet; train SPADE first (`tumorsynth train spade`)")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    G, meta = load_generator(path, dev)
+    G, meta = load_generator(path, mpi_device(comm, device))
     m = source.manifest
     if m.image_size != G.cfg.resolution or m.classes != G.cfg.label_nc:
         raise ValueError(f"{source.root}: {m.classes}-class {m.image_size}² masks, but the generator in {path} "
                          f"takes {G.cfg.label_nc}-class {G.cfg.resolution}² masks")
     intensity_max = float(meta["intensity_max"])
-    writer = StoreWriter(out, classes=m.classes)
-    shards = [(split, k, shard_path) for split in m.splits for k, (_, shard_path) in enumerate(source.shards(split))]
-    for split, k, shard_path in tqdm(shards, desc="shards", disable=None):
-        if writer.done(split, k):
-            continue
-        with h5py.File(shard_path, "r") as f:
+    inputs = {(split, k): shard_path for split in m.splits for k, (_, shard_path) in enumerate(source.shards(split))}
+
+    def make(split: str, k: int) -> dict[str, Any]:
+        with h5py.File(inputs[(split, k)], "r") as f:
             labels, subjects, slices = f["label"][:], f["subject"].asstr()[:], f["slice"][:]
-        writer.write(split, k, label=labels, image=synthesize(G, labels, intensity_max, batch),
-                     subject=list(subjects), slice_index=slices)
+        return {"label": labels, "image": synthesize(G, labels, intensity_max, batch), "subject": list(subjects),
+                "slice_index": slices}
+
+    writer = write_shards(out, m.classes, list(inputs), make, comm)
+    if writer is None:
+        return None
     if png:
-        for split, k, _ in shards:
+        for split, k in inputs:
             export_png((out, out / writer.done(split, k).file))
     manifest = writer.finish(kind="synthetic", image_size=m.image_size, has_image=True,
                              shard_counts={split: len(m.splits[split].shards) for split in m.splits},

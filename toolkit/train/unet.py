@@ -110,11 +110,11 @@ class UNetTask:
         stats_set = self.train_set if d.stats_from == "all" else SliceDataset([real], classes=d.classes)
         peak, mean = stats_set.intensity_stats()
         self.stats = {"max": float(peak), "mean": float(mean)}
-        # a constant of every step: on the device once, not copied there per step
-        self.weights = torch.as_tensor(class_weights(self.train_set.class_pixels()), dtype=torch.float32,
-                                       device=dist.device)
+        weights = class_weights(self.train_set.class_pixels())
         log.info("training on %s; input max %.0f mean %.4f; class weights %s", self.train_set.describe(), peak, mean,
-                 np.round(self.weights.cpu().numpy(), 4).tolist())
+                 np.round(weights, 4).tolist())
+        # a constant of every step: on the device once, not copied there per step
+        self.weights = torch.as_tensor(weights, dtype=torch.float32, device=dist.device)
         runtime = cfg.runtime
         prepare_device(dist.device)
         self.precision = Precision.for_device(runtime.precision, dist.device)

@@ -1,0 +1,1 @@
+"""Whole-installation checks (``tumorsynth check``): every path run for real, each figure against its target."""
