@@ -83,6 +83,7 @@ def bench_spade(config: SPADEConfig | None = None, *, device: str = "cpu", batch
             "gflop_per_image_fwd": flops / 1e9, "gflop_per_image_train": train_flops / 1e9, "img_per_s": img_per_s,
             "tflops": train_flops * img_per_s / 1e12, "inference_img_per_s": batch * steps / infer_s,
             "batch": batch, "size": size, "precision": policy.name,
+            "amp": policy.mixed,  # kept from before the precision policy: autocast on
             "channels_last": memory_format == torch.channels_last, "compile": compile,
             "steps": steps, "train_step_ms": 1e3 * train_s / steps}
 

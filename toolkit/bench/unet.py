@@ -112,6 +112,7 @@ def bench_unet(config: UNetConfig, *, device: str = "cpu", batch: int = 8, size:
              img_per_s, tflops, flops / 1e9, batch, size, dev, policy.name, dist.backend, dist.world_size)
     return {"model": "unet", "device": str(dev), "params": count_parameters(model), "gflop_per_image_fwd": flops / 1e9,
             "img_per_s": img_per_s, "tflops": tflops, "batch": batch, "size": size, "precision": policy.name,
+            "amp": policy.mixed,  # kept from before the precision policy: autocast on
             "channels_last": memory_format == torch.channels_last, "compile": compile, "steps": steps,
             "seconds": elapsed, "step_ms": 1e3 * elapsed / steps, "peak_tflops": peak, "model_mfu": mfu(tflops, peak),
             "dist": dist.backend, "ranks": dist.world_size, "hosts": count_hosts(dist)}
