@@ -130,7 +130,8 @@ class UNetTask:
         rows, batch = list(range(dist.rank, len(self.val_set), dist.world_size)), cfg.optim.batch
         val_batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
         self.val_loader = DataLoader(self.val_set, batch_sampler=val_batches, num_workers=d.workers,
-                                     collate_fn=SliceDataset.collate, pin_memory=dist.device.type == "cuda", persistent_workers=d.workers > 0)
+                                     collate_fn=SliceDataset.collate, pin_memory=dist.device.type == "cuda",
+                                     persistent_workers=d.workers > 0)
         log.info("U-Net on %s in %s, %s", dist.device, self.precision.name,
                  "channels_last" if self.memory_format == torch.channels_last else "NCHW")
 
