@@ -71,7 +71,7 @@ def test_resident_masks_are_the_non_empty_train_rows_of_the_store(store_64, tmp_
     assert len(expected) < len(labels) and torch.equal(task.masks, expected)
 
 
-def test_compiling_the_pgan_is_refused_until_the_fade_is_compile_friendly(tmp_path):
+def test_compiling_the_pgan_is_refused_with_a_clear_error(tmp_path):
     config = load(PGANRunConfig, write_config(tmp_path / "pgan.yaml", tmp_path / "nowhere"),
                   ["runtime.compile=default"])
     with pytest.raises(ValueError, match=r"runtime\.compile.*not supported by the PGAN"):

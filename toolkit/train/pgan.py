@@ -234,7 +234,9 @@ class PGANTask:
         if any(mb % dist.world_size for mb in cfg.schedule.minibatch.values()):
             raise ValueError(f"every schedule.minibatch must be divisible by the {dist.world_size} ranks")
         if cfg.runtime.compile != "none":
-            # the fade alpha is a Python float inside G and D: a compiled graph would recompile for every lod
+            # D's gradient penalty differentiates a gradient (create_graph=True), which torch.compile's AOTAutograd
+            # does not support (pytorch#181581: "does not currently support double backward"); and the fade alpha is a
+            # Python float in G and D, so a compiled G would recompile at every lod
             raise ValueError(f"runtime.compile: {cfg.runtime.compile!r} is not supported by the PGAN yet; use none")
         self.cfg, self.dist, self.run_dir = cfg, dist, Path(run_dir)
         device = dist.device
