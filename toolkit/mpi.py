@@ -1,4 +1,4 @@
-"""Starting MPI programs from Python: the ``mpirun`` command line and an environment it can start from.
+"""MPI from Python: the communicator of the MPI tools, the ``mpirun`` command line and an environment it can start from.
 
 A process that has initialised MPI itself (mpi4py as a singleton) carries OMPI_/PMIX_/PRTE_ variables; a child
 ``mpirun`` inheriting them believes it already runs inside a job and exits without a word, so they are removed.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from typing import Any
 
 
 def mpirun_prefix(ranks: int) -> list[str]:
@@ -28,3 +29,13 @@ def mpirun_command(ranks: int, *args: str) -> list[str]:
 def clean_environment() -> dict[str, str]:
     """This process's environment without the variables of an MPI job it may be part of."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PRTE_"))}
+
+
+def world(comm: Any = None) -> Any:
+    """``comm``, or ``MPI.COMM_WORLD`` (a one-rank singleton outside a launcher). mpi4py is imported here, lazily:
+    importing a module of the MPI tools must not initialise MPI."""
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    return comm

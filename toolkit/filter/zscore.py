@@ -37,6 +37,7 @@ import numpy as np
 from toolkit.atomic import write_bytes
 from toolkit.data.labels import reduce_labels
 from toolkit.data.store import MANIFEST, ShardInfo, Store, StoreError, StoreWriter, shard_name, write_shard
+from toolkit.mpi import world
 from toolkit.report.figures import row_grid, save_figure
 
 log = logging.getLogger(__name__)
@@ -87,14 +88,6 @@ class Moments:
         return Moments(self.count, self.mean, np.maximum(self.std, min_std) ** 2 * self.count)
 
 
-def _world(comm: Any) -> Any:
-    if comm is None:
-        from mpi4py import MPI  # lazy: importing the module must not initialise MPI
-
-        comm = MPI.COMM_WORLD
-    return comm
-
-
 def _blocks(path: Path, stop: int, fields: tuple[str, ...]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Rows [0, stop) of one shard as (first row, arrays) in blocks of BLOCK rows."""
     with h5py.File(path, "r") as f:
@@ -114,7 +107,7 @@ def _spread(tasks: list[Any], work: Callable[[Any], Any], comm: Any, *, everywhe
 def real_moments(store: Path, *, reduced: bool, size: int | None = None, comm: Any = None) -> Moments:
     """Moments of the non-empty training masks of ``store`` (only its reduced prefix when ``reduced``), reduced to
     ``size``² when given, on all ranks."""
-    comm = _world(comm)
+    comm = world(comm)
     real = Store(store)
     size = size or real.manifest.image_size
     limit = real.manifest.reduced if reduced else real.split("train").n
@@ -226,7 +219,7 @@ def filter_store(real: Path, synthetic: Path, out: Path, *, threshold: float = 5
 
     Collective over ``comm`` (default ``MPI.COMM_WORLD``); rank 0 writes and returns the summary, other ranks ``{}``.
     """
-    comm = _world(comm)
+    comm = world(comm)
     out = Path(out)
     if (out / MANIFEST).exists():  # checked on every rank, so that all of them stop
         raise StoreError(f"{out}: store is already complete (manifest.json exists)")
@@ -299,7 +292,7 @@ def calibrate(real: Path, synthetic: Path, out_dir: Path, *, thresholds: np.ndar
     largest finite norm seen (at least 1000). Writes ``out_dir/calibration.csv`` and ``out_dir/calibration.png``;
     collective over ``comm``, rank 0 returns the summary, other ranks ``{}``.
     """
-    comm = _world(comm)
+    comm = world(comm)
     moments = real_moments(real, reduced=reduced, size=Store(synthetic).manifest.image_size, comm=comm).floored(min_std)
     synth = _score(Store(synthetic), tuple(Store(synthetic).manifest.splits), moments, comm)
     held_out = _score(Store(real), ("val",), moments, comm, drop_empty=True)

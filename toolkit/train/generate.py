@@ -22,9 +22,10 @@ from toolkit.config import from_dict
 from toolkit.data.prepare import export_png
 from toolkit.data.store import MANIFEST, Manifest, Store, shard_name
 from toolkit.models.pgan import Generator, PGANConfig
+from toolkit.mpi import world
 from toolkit.train.distributed import mpi_device
 from toolkit.train.pgan import to_labels
-from toolkit.train.ranks import world, write_shards
+from toolkit.train.ranks import write_shards
 from toolkit.train.sampling import epoch_seed
 
 log = logging.getLogger(__name__)

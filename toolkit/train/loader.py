@@ -9,7 +9,7 @@ memory, where it is truly asynchronous).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -36,15 +36,21 @@ class EpochBatches(Sampler[list[int]]):
         return len(self._batches)
 
 
+def loader(dataset: SliceDataset, batches: Iterable[list[int]], *, workers: int, device: torch.device,
+           prefetch: int = 4) -> DataLoader:
+    """A DataLoader of ``dataset`` serving ``batches`` (lists of rows) for a run on ``device``: stored types, pinned
+    for a GPU, persistent prefetching workers when ``workers`` > 0."""
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=SliceDataset.collate,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=prefetch if workers > 0 else None)
+
+
 class EpochLoader:
     """A dataset's batches, epoch by epoch, through one long-lived DataLoader."""
 
-    def __init__(self, dataset: SliceDataset, batches: EpochBatches, *, workers: int, device: torch.device,
-                 prefetch: int = 4) -> None:
+    def __init__(self, dataset: SliceDataset, batches: EpochBatches, *, workers: int, device: torch.device) -> None:
         self.batches = batches
-        self.loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=SliceDataset.collate,
-                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                 prefetch_factor=prefetch if workers > 0 else None)
+        self.loader = loader(dataset, batches, workers=workers, device=device)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of ``epoch`` from batch ``start`` on."""

@@ -32,11 +32,11 @@ from toolkit.metrics.swd import (
     save_descriptors,
     swd_from_descriptors,
 )
+from toolkit.mpi import world
 from toolkit.report.figures import curve
 from toolkit.train.distributed import mpi_device
 from toolkit.train.generate import generate_labels, load_generator
 from toolkit.train.pgan import reals_at, to_labels
-from toolkit.train.ranks import world
 
 log = logging.getLogger(__name__)
 

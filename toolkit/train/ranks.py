@@ -35,15 +35,6 @@ RANK_LOG = ".progress-rank-{rank}.jsonl"
 Shard = tuple[str, int]  # (split, index)
 
 
-def world(comm: Any = None) -> Any:
-    """``comm``, or ``MPI.COMM_WORLD`` (a one-rank singleton outside a launcher)."""
-    if comm is None:
-        from mpi4py import MPI  # lazy: importing a generation module must not initialise MPI
-
-        comm = MPI.COMM_WORLD
-    return comm
-
-
 def write_shards(out: Path, classes: int, shards: Sequence[Shard], make: Callable[[str, int], dict[str, Any]],
                  comm: Any) -> StoreWriter | None:
     """Write every shard of ``shards`` not finished earlier; collective over ``comm``.

@@ -26,9 +26,10 @@ import torch
 from toolkit.data.prepare import export_png
 from toolkit.data.store import MANIFEST, Manifest, Store
 from toolkit.models.spade import one_hot
+from toolkit.mpi import world
 from toolkit.report.figures import row_grid
 from toolkit.train.distributed import mpi_device
-from toolkit.train.ranks import world, write_shards
+from toolkit.train.ranks import write_shards
 from toolkit.train.spade import GENERATOR, load_generator, to_uint16
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from toolkit.atomic import atomic_path
 from toolkit.config import to_dict
@@ -33,7 +32,7 @@ from toolkit.data.dataset import SliceDataset, Source
 from toolkit.metrics.dice import class_weights, dice_from_sums, soft_sums
 from toolkit.models.unet import UNet, UNetConfig
 from toolkit.train.distributed import Dist
-from toolkit.train.loader import EpochBatches, EpochLoader, to_device
+from toolkit.train.loader import EpochBatches, EpochLoader, loader, to_device
 from toolkit.train.loop import LoopConfig
 from toolkit.train.precision import Precision
 from toolkit.train.runtime import RuntimeConfig, adam, compiled, prepare_device
@@ -129,9 +128,7 @@ class UNetTask:
                                          world_size=dist.world_size), workers=d.workers, device=dist.device)
         rows, batch = list(range(dist.rank, len(self.val_set), dist.world_size)), cfg.optim.batch
         val_batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
-        self.val_loader = DataLoader(self.val_set, batch_sampler=val_batches, num_workers=d.workers,
-                                     collate_fn=SliceDataset.collate, pin_memory=dist.device.type == "cuda",
-                                     persistent_workers=d.workers > 0)
+        self.val_loader = loader(self.val_set, val_batches, workers=d.workers, device=dist.device)
         log.info("U-Net on %s in %s, %s", dist.device, self.precision.name,
                  "channels_last" if self.memory_format == torch.channels_last else "NCHW")
 

@@ -13,13 +13,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import default_collate
 
 from toolkit import config as configs
 from toolkit.atomic import write_json
 from toolkit.data.dataset import SliceDataset, Source
 from toolkit.report.figures import segmentation_grid
 from toolkit.train import distributed
+from toolkit.train.loader import loader
 from toolkit.train.precision import Precision
 from toolkit.train.unet import UNetRunConfig, build_model, dice_results, forward, segmentation_sums
 
@@ -42,13 +43,13 @@ def evaluate_run(run_dir: Path, *, store: Path | None = None, split: str = "test
     model.load_state_dict(best["model"], strict=True)
     model.to(dev, memory_format=memory_format).eval()
     dataset = SliceDataset([Source(store or cfg.data.real, split)], classes=cfg.data.classes)
-    loader = DataLoader(dataset, batch_size=cfg.optim.batch, collate_fn=SliceDataset.collate,
-                        pin_memory=dev.type == "cuda")
+    rows, batch = list(range(len(dataset))), cfg.optim.batch
+    batches = loader(dataset, [rows[i:i + batch] for i in range(0, len(rows), batch)], workers=0, device=dev)
 
     def fwd(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return forward(model, batch, best["stats"], cfg.data.classes, dev, precision, memory_format)
 
-    result = {**dice_results(segmentation_sums(model, loader, fwd), best["weights"]),
+    result = {**dice_results(segmentation_sums(model, batches, fwd), best["weights"]),
               "split": split, "store": str(store or cfg.data.real), "slices": len(dataset)}
     write_json(run_dir / f"eval-{split}.json", result)
     _figure(dataset, fwd, cfg.data.classes, run_dir / "figures" / f"eval-{split}.png")
