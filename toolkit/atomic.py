@@ -1,18 +1,49 @@
 """Atomic file writes: write to a temporary sibling, fsync, then rename over the final name.
 
 Every artefact the toolkit leaves behind (store shards, manifests, PNGs, checkpoints, pointers) goes through here, so a
-reader never sees a torn file: a path either does not exist or holds complete content.
+reader never sees a torn file: a path either does not exist or holds complete content. Files get the mode a plain
+``open()`` would give them (0666 minus the umask), not ``mkstemp``'s private 0600, so a research group shares its stores
+and checkpoints as its umask says. A failing disk (full, over quota, I/O error) becomes one :class:`DiskError` naming
+the file; the temporary file is removed, and the final one is untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+
+
+class DiskError(OSError):
+    """Writing a file failed for a reason of the disk (full, quota, read-only, I/O); the message names the file."""
+
+
+def umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` would, racing with writer threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def disk_error(path: Path, err: OSError) -> OSError:
+    """``err`` as a :class:`DiskError` naming ``path`` when the disk is at fault, else ``err`` itself."""
+    if err.errno in _DISK_ERRORS and not isinstance(err, DiskError):
+        return DiskError(err.errno, f"{path}: cannot write: {os.strerror(err.errno)}")
+    return err
 
 
 def fsync_dir(directory: Path) -> None:
@@ -47,7 +78,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -55,6 +89,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp, final)
         fsync_dir(final.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        converted = disk_error(final, err)
+        if converted is err:
+            raise
+        raise converted from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
