@@ -549,11 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tumorsynth` console script."""
+    from toolkit.atomic import DiskError
     from toolkit.cluster.executors import ClusterError
     from toolkit.data.labelio import LabelIOError
     from toolkit.data.nifti import NiftiError
     from toolkit.data.prepare import PrepareError
     from toolkit.data.store import StoreError
+    from toolkit.lock import LockedError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
@@ -563,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (PrepareError, StoreError, NiftiError, LabelIOError, ValueError, FileNotFoundError, FileExistsError,
-            TimeoutError, ClusterError) as err:
+            TimeoutError, ClusterError, LockedError, DiskError) as err:
         print(f"tumorsynth: error: {err}", file=sys.stderr)
         return 2
 
