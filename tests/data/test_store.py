@@ -78,6 +78,7 @@ def test_writer_resumes_verified_shards_and_redoes_corrupt_ones(tmp_path):
     with open(root / PROGRESS, "a") as handle:
         handle.write('{"split": "train", "ind')  # torn line, as a kill mid-append would leave
     (root / "train" / "shard-00001.h5").write_bytes(b"garbage")
+    writer.close()  # as a killed writer's lock goes with its process
     again = StoreWriter(root, classes=7)
     assert again.done("train", 0) is not None
     assert again.done("train", 1) is None
