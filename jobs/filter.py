@@ -12,7 +12,8 @@ from toolkit.filter.zscore import filter_store
 
 @dataclasses.dataclass(frozen=True)
 class FilterJob(Job):
-    """``tumorsynth filter zscore --real REAL --synthetic SYNTHETIC --out OUT``; a complete output is kept."""
+    """``tumorsynth filter zscore --real REAL --synthetic SYNTHETIC --out OUT``; a complete output made with the same
+    options is kept (with other ones the job fails, naming them)."""
 
     real: Path
     synthetic: Path
@@ -25,7 +26,5 @@ class FilterJob(Job):
         return store_log_dir(self.out)
 
     def run(self) -> dict[str, Any]:
-        if (Path(self.out) / "manifest.json").exists():
-            return {"store": str(self.out), "already_complete": True}
         return filter_store(Path(self.real), Path(self.synthetic), Path(self.out), threshold=self.threshold,
                             reduced=self.reduced, min_std=self.min_std)

@@ -1,4 +1,5 @@
-"""Generation jobs: PGAN masks into a mask store, SPADE images for a mask store (both resumable by shard)."""
+"""Generation jobs: PGAN masks into a mask store, SPADE images for a mask store (both resumable by shard, refusing
+a resume or a complete store made with other options or inputs)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class GenerateMasksJob(Job):
 
     def run(self) -> dict[str, Any]:
         manifest = generate_masks(Path(self.run_dir), self.n, Path(self.out), snapshot=self.snapshot, seed=self.seed)
-        return {"store": str(self.out), "n": manifest.splits["train"].n}
+        return {} if manifest is None else {"store": str(self.out), "n": manifest.splits["train"].n}  # None: rank > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,4 +43,4 @@ class GenerateImagesJob(Job):
 
     def run(self) -> dict[str, Any]:
         manifest = generate_images(Path(self.run_dir), Path(self.masks), Path(self.out))
-        return {"store": str(self.out), "n": {k: v.n for k, v in manifest.splits.items()}}
+        return {} if manifest is None else {"store": str(self.out), "n": {k: v.n for k, v in manifest.splits.items()}}

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import png
 import pytest
 import torch
 
@@ -126,7 +128,188 @@ def latest_task_state():
     return _latest_task_state
 
 
+def _assert_same_state(a, b, path: str = "") -> None:
+    """Two nested states (dicts, lists, tuples of tensors and plain values) are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"{path}: max |Δ| {float((a.double() - b.double()).abs().max())}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{path}: keys {sorted(a)} vs {sorted(b)}"
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), path
+        for k, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{path}/{k}")
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+def _conv_flops(model: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """FLOPs (a multiply-add is 2) of one forward of ``model`` on ``inputs``, counted by hand from the shapes each
+    convolution sees: ``2 · out elements · in_channels/groups · k²`` (transposed: per *input* element)."""
+    counts: list[int] = []
+
+    def count(module, args, out):
+        k = module.kernel_size[0] * module.kernel_size[1]
+        if isinstance(module, torch.nn.ConvTranspose2d):
+            counts.append(2 * args[0].numel() * module.out_channels // module.groups * k)
+        else:
+            counts.append(2 * out.numel() * module.in_channels // module.groups * k)
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear)], "count linear layers too"
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(counts)
+
+
+def _unet_initial_state(config: Path) -> dict:
+    """The weights every U-Net run of ``config`` starts from (seeded construction)."""
+    from toolkit import config as configs
+    from toolkit.train.unet import UNetRunConfig, build_model
+
+    cfg = configs.load(UNetRunConfig, config)
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg).state_dict()
+
+
+def _bias_before_batchnorm(key: str, state: dict) -> bool:
+    """Conv biases that BatchNorm cancels (and the running means that track them): their true gradient is exactly 0,
+    so Adam turns rounding noise of ~1e-7 into ±lr steps that differ between any two summation orders."""
+    if key.endswith("running_mean"):
+        return True
+    if key.endswith(".0.bias"):
+        return key[: -len(".0.bias")] + ".1.running_var" in state
+    return key.endswith("up.conv.bias")
+
+
+def _update_difference(config: Path, reference: dict, state: dict) -> tuple[float, float]:
+    """How far U-Net weights ``state`` are from ``reference`` (both trained from ``config``'s initial weights): the
+    norm of their difference relative to the norm of the reference's update, and the largest absolute difference,
+    over the floating-point tensors whose gradient is not exactly 0."""
+    initial = _unet_initial_state(config)
+    keys = [k for k in reference if reference[k].is_floating_point() and not _bias_before_batchnorm(k, reference)]
+    diff = sum(float(((state[k] - reference[k]) ** 2).sum()) for k in keys)
+    update = sum(float(((reference[k] - initial[k]) ** 2).sum()) for k in keys)
+    return (diff / update) ** 0.5, max(float((state[k] - reference[k]).abs().max()) for k in keys)
+
+
+@pytest.fixture
+def unet_initial_state():
+    """``unet_initial_state(config)``: the seeded initial weights of a U-Net config."""
+    return _unet_initial_state
+
+
+@pytest.fixture
+def update_difference():
+    """``update_difference(config, reference, state)``: (relative, largest) difference of trained U-Net weights."""
+    return _update_difference
+
+
+@pytest.fixture
+def conv_flops():
+    """``conv_flops(model, *inputs)``: a forward's convolution FLOPs, counted from layer shapes (not by torch)."""
+    return _conv_flops
+
+
+@pytest.fixture
+def assert_same_state():
+    """``assert_same_state(a, b)``: every tensor and value of two nested states is identical."""
+    return _assert_same_state
+
+
 @pytest.fixture
 def launch_ddp():
     """``launch_ddp(cmd)``: run a command as 2 DDP ranks and wait for both."""
     return _launch_ddp
+
+
+# matplotlib's tab10 palette as published (not read from matplotlib): the colours the figures give classes 0-9
+# (label panels are drawn with cmap tab10, vmin 0, vmax 9, nearest interpolation, so each class keeps its exact colour).
+TAB10 = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+         (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def _bands(occupied: np.ndarray, min_size: int) -> list[tuple[int, int]]:
+    """[start, stop) runs of True at least ``min_size`` long."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], occupied.astype(np.int8), [0]])))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2]) if b - a >= min_size]
+
+
+class Figure:
+    """A figure PNG decoded with pypng (independently of matplotlib): its RGB pixels, the grid of panels (blocks of
+    non-white pixels at least ``min_size`` wide and high: text lines and tick labels are smaller) and the classes
+    whose tab10 colour a region holds."""
+
+    def __init__(self, path: Path, min_size: int = 40) -> None:
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+        width, height, rows, _ = png.Reader(filename=str(path)).asRGBA8()
+        self.rgb = np.vstack([np.asarray(row, np.uint8) for row in rows]).reshape(height, width, 4)[..., :3]
+        self.width, self.height = width, height
+        ink = (self.rgb < 250).any(axis=2)
+        self.panels = [[self.rgb[top:bottom, left:right]
+                        for left, right in _bands(ink[top:bottom].any(axis=0), min_size)]
+                       for top, bottom in _bands(ink.any(axis=1), min_size)]
+
+    @staticmethod
+    def classes(pixels: np.ndarray, below: int = 7) -> set[int]:
+        """The classes < ``below`` whose exact tab10 colour occurs in ``pixels`` (class 7's grey is left out by
+        default: grey images hold it too)."""
+        flat = pixels.reshape(-1, 3)
+        return {c for c in range(below) if (flat == TAB10[c]).all(axis=1).any()}
+
+    @staticmethod
+    def has_colour(pixels: np.ndarray, rgb: tuple[int, int, int]) -> bool:
+        """Whether the exact colour ``rgb`` occurs in ``pixels``."""
+        return bool((pixels.reshape(-1, 3) == rgb).all(axis=1).any())
+
+    @staticmethod
+    def cells(panel: np.ndarray, n: int) -> np.ndarray:
+        """The panel's colours at the centres of an ``n``×``n`` grid: an n² image drawn over the panel, read back."""
+        rows = ((np.arange(n) + 0.5) * panel.shape[0] / n).astype(int)
+        cols = ((np.arange(n) + 0.5) * panel.shape[1] / n).astype(int)
+        return panel[rows[:, None], cols[None, :]]
+
+    @classmethod
+    def agreement(cls, panel: np.ndarray, labels: np.ndarray) -> float:
+        """Fraction of the cells of the label array ``labels`` [S,S] that ``panel`` shows in their class colour.
+
+        The image lies inside the axes' spines at a sub-pixel offset that the PNG does not record, so the cell grid
+        is fitted: each side's inset (0-2 px in quarter pixels) is searched, rows then columns, twice. A panel of
+        other labels cannot reach a high agreement by any inset (measured: a drawn random label map is read back
+        exactly at the best inset, at 87-100 % with none)."""
+        n, classes = labels.shape[-1], cls.labels(panel)
+        insets = np.arange(0, 2.01, 0.25)
+
+        def centres(size: int, lo: float, hi: float) -> np.ndarray:
+            return np.minimum(np.floor(lo + (np.arange(n) + 0.5) * (size - lo - hi) / n).astype(int), size - 1)
+
+        rows, cols, best = centres(panel.shape[0], 1, 1), centres(panel.shape[1], 1, 1), 0.0
+        for _ in range(2):
+            for axis in (0, 1):
+                for lo in insets:
+                    for hi in insets:
+                        grid = centres(panel.shape[axis], lo, hi)
+                        r, c = (grid, cols) if axis == 0 else (rows, grid)
+                        score = float((classes[r[:, None], c[None, :]] == labels).mean())
+                        if score > best:
+                            best, rows, cols = score, r, c
+        return best
+
+    @staticmethod
+    def labels(cells: np.ndarray) -> np.ndarray:
+        """Class id of each tab10-coloured pixel of ``cells`` [..., 3], -1 where the colour is no class's."""
+        match = (cells[..., None, :] == np.asarray(TAB10, np.uint8)).all(axis=-1)
+        return np.where(match.any(axis=-1), match.argmax(axis=-1), -1)
+
+
+@pytest.fixture
+def figure():
+    """``figure(path)``: the decoded PNG figure at ``path`` (:class:`Figure`)."""
+    return Figure

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 
@@ -39,11 +40,36 @@ def test_prepare_error_names_the_file_and_exits_non_zero(tmp_path):
     assert result.returncode != 0 and "nowhere" in result.stderr and not (tmp_path / "out").exists()
 
 
-def test_dice_command_on_a_store_and_label_files(store_64, tmp_path):
-    result = run("dice", store_64, store_64, "--classes", "4", "--json")
-    assert result.returncode == 0, result.stderr
-    doc = json.loads(result.stdout)
-    assert doc["per_class"] == [1.0] * 4 and doc["weighted"] == 1.0
+def _test_labels_4class(store):
+    """The store's test-split labels in the 4-class view, read straight from the shard files (not through the
+    library's reader) and mapped by the stored scheme (0 BG, 1 NCR/NET, 2 ED, 3 ET, 4-6 tissue → BG)."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    parts = []
+    for shard in manifest["splits"]["test"]["shards"]:
+        with h5py.File(store / shard["file"], "r") as f:
+            parts.append(f["label"][:])
+    labels = np.concatenate(parts)
+    return np.where(labels <= 3, labels, 0).astype(np.uint8)
+
+
+def test_dice_command_on_a_store_against_a_known_prediction_and_label_files(store_64, tmp_path):
+    """A prediction that relabels k oedema pixels of the store's test split as necrosis: per class, with counts n_c
+    of the truth, Dice(NCR) = 2 n1 / (2 n1 + k), Dice(ED) = 2 (n2 − k) / (2 n2 − k), BG and ET exactly 1."""
+    truth = _test_labels_4class(store_64)
+    n1, n2 = int((truth == 1).sum()), int((truth == 2).sum())
+    oedema = np.flatnonzero(truth == 2)
+    assert n1 > 0 and len(oedema) >= 4, (n1, n2)  # the phantom's test slices have tumour
+    k = len(oedema) // 3
+    pred = truth.copy()
+    pred.flat[oedema[:k]] = 1
+    np.save(tmp_path / "pred.npy", pred)
+    expected = [1.0, 2 * n1 / (2 * n1 + k), 2 * (n2 - k) / (2 * n2 - k), 1.0]
+    for args in (("pred.npy", store_64), (store_64, "pred.npy")):  # the store as ground truth, then as prediction
+        result = run("dice", *(tmp_path / a if a == "pred.npy" else a for a in args), "--classes", "4", "--json")
+        assert result.returncode == 0, result.stderr
+        doc = json.loads(result.stdout)
+        assert doc["per_class"] == pytest.approx(expected, rel=1e-12)
+        assert doc["weighted"] == pytest.approx(sum(expected) / 4, rel=1e-12)  # the command weighs classes uniformly
     gt = np.zeros((2, 4, 4), np.uint8)
     gt[:, :2] = 1
     pred = gt.copy()

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -39,11 +40,23 @@ def umask() -> int:
     return mask
 
 
-def disk_error(path: Path, err: OSError) -> OSError:
+def _disk_error(path: Path, err: OSError) -> OSError:
     """``err`` as a :class:`DiskError` naming ``path`` when the disk is at fault, else ``err`` itself."""
     if err.errno in _DISK_ERRORS and not isinstance(err, DiskError):
         return DiskError(err.errno, f"{path}: cannot write: {os.strerror(err.errno)}")
     return err
+
+
+@contextlib.contextmanager
+def naming_disk_errors(path: Path) -> Iterator[None]:
+    """Re-raise an OSError of the disk inside the block as a :class:`DiskError` naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        converted = _disk_error(path, err)
+        if converted is err:
+            raise
+        raise converted from err
 
 
 def fsync_dir(directory: Path) -> None:
@@ -55,13 +68,17 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temps(root: Path) -> int:
+def remove_stale_temps(root: Path, names: Iterable[str] | None = None) -> int:
     """Delete temporary files that a killed writer left under ``root``; returns how many were removed.
 
-    Only names of the form ``.<final name>.<random>.tmp``, as :func:`atomic_path` makes them, are touched.
+    Only names of the form ``.<final name>.<random>.tmp``, as :func:`atomic_path` makes them, are touched. With
+    ``names``, only the temporary files of those final names directly in ``root`` (for a writer that shares its folder
+    with other writers, whose temporary files are not its to remove).
     """
     removed = 0
-    for path in Path(root).rglob(".*.tmp"):
+    paths = Path(root).rglob(".*.tmp") if names is None else (
+        path for name in names for path in Path(root).glob(f".{glob.escape(name)}.*.tmp"))
+    for path in paths:
         if path.is_file():
             path.unlink()
             removed += 1
@@ -77,24 +94,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    with naming_disk_errors(final):  # no inode left, a read-only or failing disk
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     try:
         os.fchmod(fd, 0o666 & ~umask())
     finally:
         os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        converted = disk_error(final, err)
-        if converted is err:
-            raise
-        raise converted from err
+        with naming_disk_errors(final):
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

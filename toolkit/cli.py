@@ -274,7 +274,8 @@ def _cmd_filter(args: argparse.Namespace) -> int:
         text = "suggested threshold {suggested_threshold} (drops {synthetic_dropped_at_suggested} of synthetic masks)"
     else:
         doc = filter_store(real, synthetic, out, threshold=args.threshold, reduced=args.reduced, min_std=args.min_std)
-        text = "kept {kept}, dropped {dropped} ({dropped_percent:.3f} %) at threshold {threshold}; details in {csv}"
+        text = ("store is already complete: " if doc.get("already_complete") else "") + (
+            "kept {kept}, dropped {dropped} ({dropped_percent:.3f} %) at threshold {threshold}; details in {csv}")
     if doc:  # rank 0 only: the other MPI ranks print nothing
         _emit(args, doc, lambda d: text.format(**d))
     return 0
@@ -298,8 +299,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.action == "submit":
         out = Path(args.out or Path("sweeps") / Path(args.target).stem)
-        sweep = Sweep.create(Path(args.target), out, args.cluster, args.profile, tuple(args.set), tuple(args.var))
-        ids = sweep.submit()
+        # an existing sweep directory of the same definition is resumed: nothing done, queued or running again
+        with Sweep.create(Path(args.target), out, args.cluster, args.profile, tuple(args.set),
+                          tuple(args.var)) as sweep:
+            ids = sweep.resume()
         print(f"{out}: {len(ids)} members {'ran' if args.cluster == 'local' else 'submitted'} "
               f"({ids[0].split('_')[0] if ids else 'none'})")
         return 0
@@ -370,8 +373,28 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if doc["ok"] else 1
 
 
+def _number(tp: Any) -> Callable[[str], Any]:
+    """An argparse ``type`` for an int or float annotation of toolkit.config (``PositiveInt``, ``Threshold``, …): a
+    value out of its range or not finite is argparse's own error, naming the option (exit 2)."""
+    from toolkit.config import ConfigError, parse_number
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_number(tp, text)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used by the README's CLI reference)."""
+    from typing import Annotated
+
+    from toolkit.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, Threshold
+
+    # ints ≥ 1, ints ≥ 0 (seeds, DataLoader workers), floats > 0
+    count, natural, positive = (_number(t) for t in (PositiveInt, NonNegativeInt, PositiveFloat))
     parser = argparse.ArgumentParser(prog="tumorsynth", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tumorsynth {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -379,22 +402,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("phantom", help="write a BraTS-2018-layout demo cohort")
     p.add_argument("out")
-    p.add_argument("--subjects", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--subjects", type=count, required=True)
+    p.add_argument("--seed", type=natural, default=0)
+    p.add_argument("--workers", type=count, default=1)
     p.set_defaults(fn=_cmd_phantom)
 
     p = sub.add_parser("prepare", help="ingest a BraTS cohort into a sharded HDF5 store with PNG export")
     p.add_argument("src")
     p.add_argument("out")
-    p.add_argument("--size", type=int, default=256, help="slice side, a power of two (default 256)")
-    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--size", type=count, default=256, help="slice side, a power of two (default 256)")
+    p.add_argument("--shard-size", type=count, default=1024)
     p.add_argument("--png", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--split", choices=("slice", "subject"), default="slice")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=natural, default=0)
     p.add_argument("--modality", choices=("t1", "t1ce", "t2", "flair"), default="t1ce")
     p.add_argument("--tissue", choices=("auto", "fast", "hmrf", "none"), default="auto")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=count, default=1)
     p.add_argument("--skip-bad", action="store_true", help="skip invalid subjects (listed in the manifest)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_prepare)
@@ -408,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dice", help="per-class and weighted Dice between two label arrays")
     p.add_argument("pred")
     p.add_argument("gt")
-    p.add_argument("--classes", type=int, required=True)
+    p.add_argument("--classes", type=_number(Annotated[int, Range(ge=2)]), required=True)
     p.add_argument("--split", default="test", help="split to read when PRED/GT are stores")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_dice)
@@ -428,8 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", choices=("unet", "swd"))
     p.add_argument("run")
     p.add_argument("--real", help="swd: real store (default: the one the PGAN trained on)")
-    p.add_argument("--images", type=int, default=16384, help="swd: images per set (official protocol: 16,384)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=count, default=16384, help="swd: images per set (official protocol: 16,384)")
+    p.add_argument("--seed", type=natural, default=0)
     p.add_argument("--store", help="store to evaluate on (default: the run's real store)")
     p.add_argument("--split", default="test")
     p.add_argument("--device")
@@ -441,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--format", required=True, choices=("keras", "onnx", "torchscript"))
     p.add_argument("--out", required=True, help="output file (keras: must end in .keras)")
-    p.add_argument("--size", type=int, help="image size (default: the run store's)")
+    p.add_argument("--size", type=count, help="image size (default: the run store's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_export)
 
@@ -449,13 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "(MPI-parallel over shards)")
     p.add_argument("kind", choices=("masks", "images"))
     p.add_argument("run")
-    p.add_argument("--n", type=int, help="masks: how many to generate")
+    p.add_argument("--n", type=count, help="masks: how many to generate")
     p.add_argument("--masks", help="images: the (filtered) mask store to synthesise MR for")
     p.add_argument("--out", required=True)
     p.add_argument("--snapshot", default="best", help="best (after evaluate swd), tick-NNNN, or a .pt path")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=natural, default=0)
+    p.add_argument("--shard-size", type=count, default=1024)
+    p.add_argument("--batch", type=count, default=64)
     p.add_argument("--device")
     p.add_argument("--png", action=argparse.BooleanOptionalAction, default=False, help="also export PNGs")
     p.set_defaults(fn=_cmd_generate)
@@ -465,9 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", required=True, help="the real store the PGAN learned")
     p.add_argument("--synthetic", required=True)
     p.add_argument("--out", required=True, help="output store (or, with --calibrate, a folder for the curve)")
-    p.add_argument("--threshold", type=float, default=500.0)
+    p.add_argument("--threshold", type=_number(Threshold), default=500.0)
     p.add_argument("--reduced", action="store_true", help="statistics over the reduced training prefix")
-    p.add_argument("--min-std", type=float, default=0.0,
+    p.add_argument("--min-std", type=_number(NonNegativeFloat), default=0.0,
                    help="floor σ at this value (default 0: a σ = 0 pixel that differs from μ drops the mask)")
     p.add_argument("--calibrate", action="store_true", help="drop fractions versus threshold and a suggestion")
     p.add_argument("--json", action="store_true")
@@ -476,8 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("swd", help="sliced Wasserstein distance between two image sets (.npy or stores)")
     p.add_argument("real")
     p.add_argument("fake")
-    p.add_argument("--images", type=int, help="use the first N images of each set")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=count, help="use the first N images of each set")
+    p.add_argument("--seed", type=natural, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_swd)
@@ -496,8 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the pipeline on the demo cohort and write OUT/report.md")
     p.add_argument("--out", default="demo-out")
-    p.add_argument("--subjects", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--subjects", type=count, default=8)
+    p.add_argument("--workers", type=count, default=2)
     p.add_argument("--cluster", choices=("local", "slurm"), default="local")
     p.add_argument("--profile", default="local", help="slurm: slurm/profiles/<name>.yaml or a path")
     p.set_defaults(fn=_cmd_demo)
@@ -513,11 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="throughput benchmarks")
     p.add_argument("target", choices=("unet", "pgan", "spade", "swd", "zscore", "ingest", "loader"))
-    p.add_argument("--images", type=int, default=1024, help="images per set (swd) or masks to filter (zscore)")
+    p.add_argument("--images", type=count, default=1024, help="images per set (swd) or masks to filter (zscore)")
     p.add_argument("-c", "--config", help="run config whose model to benchmark (unet, pgan, spade; default: the "
                    "paper's)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--steps", type=int, default=5,
+    p.add_argument("--steps", type=count, default=5,
                    help="timed training steps (unet, spade; pgan: per resolution and phase)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (unet, spade)")
     p.add_argument("--dist", choices=("none", "ddp", "horovod"), default="none",
@@ -526,22 +549,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unet: also time the real trainer step (loader, weighted Dice, SyncBN) and report mfu")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"),
                    help="unet, spade: the precision policy (default: the config's runtime.precision, else auto)")
-    p.add_argument("--peak-tflops", type=float, help="unet: the device's dense peak for mfu (default: known GPUs)")
+    p.add_argument("--peak-tflops", type=positive, help="unet: the device's dense peak for mfu (default: known GPUs)")
     p.add_argument("--store", help="store to read (loader)")
-    p.add_argument("--subjects", type=int, default=4, help="phantom subjects to ingest (ingest)")
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--subjects", type=count, default=4, help="phantom subjects to ingest (ingest)")
+    p.add_argument("--size", type=count, default=256)
     p.add_argument("--tissue", choices=("hmrf", "none"), default="hmrf")
-    p.add_argument("--workers", type=int, help="ingest processes (default 1) or DataLoader workers (default 0; "
+    p.add_argument("--workers", type=natural, help="ingest processes (default 1) or DataLoader workers (default 0; "
                    "unet --trainer on cuda: 4)")
-    p.add_argument("--batch", type=int, help="global batch (default 8; spade: 16 on cuda, 1 on cpu)")
-    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--batch", type=count, help="global batch (default 8; spade: 16 on cuda, 1 on cpu)")
+    p.add_argument("--seconds", type=positive, default=5.0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_bench)
 
     p = sub.add_parser("check", help="gpu: run every GPU path for real (~8 min) and print each against its target")
     p.add_argument("target", choices=("gpu",))
     p.add_argument("--out", help="empty folder for the check's store and runs (default: a new temporary folder)")
-    p.add_argument("--budget", type=float, default=480.0, help="seconds for all paths together (default 480)")
+    p.add_argument("--budget", type=positive, default=480.0, help="seconds for all paths together (default 480)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_check)
     return parser
@@ -556,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     from toolkit.data.prepare import PrepareError
     from toolkit.data.store import StoreError
     from toolkit.lock import LockedError
+    from toolkit.train.errors import TrainingError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
@@ -565,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (PrepareError, StoreError, NiftiError, LabelIOError, ValueError, FileNotFoundError, FileExistsError,
-            TimeoutError, ClusterError, LockedError, DiskError) as err:
+            TimeoutError, ClusterError, LockedError, DiskError, TrainingError) as err:
         print(f"tumorsynth: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,21 +1,29 @@
 """Typed, frozen dataclass configs from YAML: loading, ``--set a.b=v`` overrides, validation and saving.
 
 Only the generic machinery lives here; each trainer defines its own frozen (module-level) dataclasses and calls
-:func:`load`. YAML is read with ``yaml.safe_load`` alone, so python tags are refused. Every value is checked against its
-field's annotation; every error is a :class:`ConfigError` naming the source and the key's dotted path.
+:func:`load`. YAML is read with :class:`UniqueKeyLoader`: ``yaml.SafeLoader`` (so python tags are refused) that
+also refuses a repeated key. Every value is checked against its field's annotation; every error is a
+:class:`ConfigError` naming the source and the key's dotted path.
+
+Bounds are part of the annotation: ``batch: PositiveInt`` (``Annotated[int, Range(ge=1)]``); see :class:`Range` and
+the aliases below. A float field refuses NaN and ±infinity unless its Range says ``inf=True`` (NaN never passes).
+Modules declaring such fields import the aliases at run time (not under ``TYPE_CHECKING``): the loader evaluates the
+annotations with ``typing.get_type_hints(..., include_extras=True)``, which needs the names and keeps ``Annotated``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -31,15 +39,99 @@ class ConfigError(ValueError):
     """A config file, override or mapping that does not fit its dataclass."""
 
 
-def load(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -> T:
-    """Read the YAML file at ``path``, apply ``--set``-style ``overrides`` (``a.b=v``) and build ``cls``."""
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Bounds of an int or float field, checked whenever a value is loaded: ``Annotated[int, Range(ge=1)]``.
+
+    ``ge``/``gt`` bound from below, ``le``/``lt`` from above (inclusive / exclusive). ``inf`` lets a float field also
+    take infinity within those bounds (``.inf`` in YAML, ``inf`` on a command line); NaN never passes.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    inf: bool = False
+
+    def admits(self, number: float) -> bool:
+        """Whether ``number`` lies within the bounds (finiteness is the converter's check)."""
+        return ((self.ge is None or number >= self.ge) and (self.gt is None or number > self.gt)
+                and (self.le is None or number <= self.le) and (self.lt is None or number < self.lt))
+
+    def describe(self, base: type, article: bool = True) -> str:
+        """What a valid value is, in words: ``an int ≥ 1``, ``a float in [0, 1)``, ``a float ≥ 0 or infinity``."""
+        kind = ("an " if base is int else "a ") * article + base.__name__
+        low = self.ge if self.ge is not None else self.gt
+        high = self.le if self.le is not None else self.lt
+        if low is not None and high is not None:  # an interval: [0, 1), (0, 1], …
+            text = f"{kind} in {'(' if self.ge is None else '['}{low:g}, {high:g}{')' if self.le is None else ']'}"
+        else:
+            ops = (("≥", self.ge), (">", self.gt), ("≤", self.le), ("<", self.lt))
+            text = " ".join([kind, *(f"{op} {bound:g}" for op, bound in ops if bound is not None)])
+        return text + " or infinity" * self.inf
+
+
+PositiveInt = Annotated[int, Range(ge=1)]  # counts that must not be empty: batch, epochs, ranks, image sizes, …
+NonNegativeInt = Annotated[int, Range(ge=0)]  # counts where 0 means none or off; seeds
+PositiveFloat = Annotated[float, Range(gt=0)]  # learning rates, epsilons, memory, times
+NonNegativeFloat = Annotated[float, Range(ge=0)]  # loss weights, floors; 0 means off
+Decay = Annotated[float, Range(ge=0, lt=1)]  # Adam's betas, an EMA's decay
+Threshold = Annotated[float, Range(ge=0, inf=True)]  # a cut-off on a non-negative score; infinity cuts nothing
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping that gives one key twice (``line`` is 1-based, of the repeat)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, again: yaml.Mark) -> None:
+        super().__init__(None, None, f"duplicate key {key!r} (first given on line {first.line + 1})", again)
+        self.key, self.line = key, again.line + 1
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.problem}"
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping repeating a key, where PyYAML would keep the last value silently.
+
+    Keys merged in with ``<<: *anchor`` may still be overridden by the mapping's own keys: that is what merging is for.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first.setdefault(key, key_node)
+            except TypeError:
+                continue  # an unhashable key: SafeConstructor's own error names it
+            if seen is not key_node:
+                raise DuplicateKeyError(key, seen.start_mark, key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def safe_load_text(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)`` with :class:`UniqueKeyLoader`; a YAML error is a :class:`ConfigError` naming
+    ``source`` (and the line)."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:  # a ``!!python/...`` tag is a YAMLError under safe_load
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as exc:  # a ``!!python/...`` tag too
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+
+
+def load(cls: type[T], path: str | Path, overrides: Sequence[str] = (), *, overrides_source: str = "--set") -> T:
+    """Read the YAML file at ``path``, apply ``--set``-style ``overrides`` (``a.b=v``) and build ``cls``.
+
+    An error in an override is blamed on ``overrides_source`` (e.g. a sweep file and member), one in the file on it."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    data = safe_load_text(text, str(path))
     if not isinstance(data, (Mapping, type(None))):  # an empty file is an empty mapping
         raise ConfigError(f"{path}: expected a mapping at the top level, got {_show(data)}")
-    return from_dict(cls, apply_overrides(data or {}, overrides, cls=cls), source=str(path))
+    return from_dict(cls, apply_overrides(data or {}, overrides, overrides_source, cls=cls), source=str(path))
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], source: str = "--set",
@@ -55,7 +147,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], source: s
         if not sep or not all(keys):
             raise ConfigError(f"{source}: expected key.path=value, got {item!r}")
         try:
-            value = yaml.safe_load(text)
+            value = yaml.load(text, Loader=UniqueKeyLoader)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source} {item}: value is not valid YAML: {exc}") from exc
         if cls is not None:
@@ -76,6 +168,18 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "<dict>") 
     return _convert(cls, data, "", source)
 
 
+def parse_number(tp: Any, text: str) -> Any:
+    """A command-line string as the int or float annotation ``tp`` (``PositiveInt``, ``Threshold``, ``float``…),
+    checked like a config value of that type; a :class:`ConfigError` says what was expected."""
+    base = typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
+    value: Any = text  # if no kind reads it: reported as not an int / float
+    for kind in (int, float) if base is float else (int,):  # int first, so that the message shows -1, not -1.0
+        with contextlib.suppress(ValueError):
+            value = kind(text)
+            break
+    return _convert(tp, value, "", "")
+
+
 def to_dict(config: Any) -> Any:
     """Plain YAML-safe data for a config: dataclasses → dicts, tuples → lists, paths → strings."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
@@ -94,14 +198,27 @@ def dump(config: Any, path: str | Path) -> None:
 
 def _convert(tp: Any, value: Any, path: str, source: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it converted (lists → tuples, str → Path, …)."""
-    where = f"{source}: {path}: " if path else f"{source}: "
+    where = "".join(f"{part}: " for part in (source, path) if part)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
 
     def wrong() -> ConfigError:
-        return ConfigError(f"{where}expected {_name(tp)}, got {_show(value)}")
+        expected = _range(tp).describe(args[0]) if origin is Annotated else _name(tp)
+        return ConfigError(f"{where}expected {expected}, got {_show(value)}")
 
     if tp is Any:
         return value
+    if origin is Annotated:
+        bounds = _range(tp)
+        if args[0] not in (int, float):
+            raise ConfigError(f"{where}unsupported annotation {_name(tp)}: a Range bounds an int or a float")
+        infinite = bounds.inf and isinstance(value, float) and math.isinf(value)
+        try:
+            number = value if infinite else _convert(args[0], value, path, source)
+        except ConfigError:
+            raise wrong() from None  # one message: the type and its bounds
+        if not bounds.admits(number):
+            raise wrong()
+        return number
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -139,6 +256,8 @@ def _convert(tp: Any, value: Any, path: str, source: str) -> Any:
     if tp in (bool, int, str) and type(value) is tp:  # strict: no 0/1 for bools, no True or 1.0 for ints
         return value
     if tp is float and (type(value) in (int, float) or (isinstance(value, str) and _FLOAT.fullmatch(value.strip()))):
+        if not math.isfinite(float(value)):  # .nan, .inf, or a numeral too large for a float
+            raise ConfigError(f"{where}expected a finite float, got {_show(value)}")
         return float(value)
     if tp is Path and isinstance(value, (str, Path)):
         return Path(value)
@@ -150,7 +269,7 @@ def _convert(tp: Any, value: Any, path: str, source: str) -> Any:
 def _build(cls: type, data: Mapping[str, Any], path: str, source: str) -> Any:
     """Construct dataclass ``cls`` from a mapping: reject unknown keys, require fields without defaults."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # keeps Annotated (the Range)
     for key in data:
         if key not in fields:
             raise _unknown(source, path, key, fields)
@@ -177,7 +296,7 @@ def _check_override(cls: type, keys: list[str], value: Any, source: str) -> None
         fields = {f.name for f in dataclasses.fields(classes[0]) if f.init}
         if key not in fields:
             raise _unknown(source, ".".join(keys[:i]), key, fields)
-        tp = typing.get_type_hints(classes[0])[key]
+        tp = typing.get_type_hints(classes[0], include_extras=True)[key]
     _convert(tp, value, ".".join(keys), source)
 
 
@@ -191,8 +310,28 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def _range(tp: Any) -> Range:
+    """The one :class:`Range` of an ``Annotated`` annotation."""
+    bounds = [mark for mark in typing.get_args(tp)[1:] if isinstance(mark, Range)]
+    if len(bounds) != 1:
+        raise ConfigError(f"unsupported annotation {tp}: expected exactly one Range")
+    return bounds[0]
+
+
 def _name(tp: Any) -> str:
-    return tp.__name__ if isinstance(tp, type) and not typing.get_args(tp) else str(tp).replace("typing.", "")
+    """An annotation as the messages spell it: ``tuple[int ≥ 1, ...]``, ``Literal['a', 'b']``, ``float | None``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _range(tp).describe(args[0], article=False)
+    if origin is Literal:
+        return f"Literal[{', '.join(map(repr, args))}]"
+    if origin in (Union, types.UnionType):
+        return " | ".join(_name(a) for a in args)
+    if origin is not None and args:
+        return f"{origin.__name__}[{', '.join('...' if a is Ellipsis else _name(a) for a in args)}]"
+    if tp is type(None):
+        return "None"
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
 def _show(value: Any) -> str:

@@ -7,9 +7,13 @@ A process that has initialised MPI itself (mpi4py as a singleton) carries OMPI_/
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def mpirun_prefix(ranks: int) -> list[str]:
@@ -39,3 +43,28 @@ def world(comm: Any = None) -> Any:
 
         comm = MPI.COMM_WORLD
     return comm
+
+
+def from_root(comm: Any, fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on rank 0 only and let every rank know how it went: rank 0 gets its result, the others None.
+
+    If ``fn`` raised (a held lock, changed options), every rank raises: rank 0 the exception itself, the others a
+    copy, broadcast. Without this a rank that gave up would leave the others waiting in their next collective (and
+    its own ``MPI_Finalize`` waiting for them): a hang instead of an error.
+    """
+    result, error, shared = None, None, None
+    if comm.Get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # raised below, once the other ranks know
+            error = shared = exc
+            try:
+                pickle.dumps(exc)
+            except Exception:  # an unpicklable exception travels as its type name and message
+                shared = RuntimeError(f"{type(exc).__name__}: {exc}")
+    shared = comm.bcast(shared, root=0)
+    if error is not None:
+        raise error
+    if shared is not None:
+        raise shared
+    return result

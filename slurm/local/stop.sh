@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # Stop the local SLURM cluster that slurm/local/start.sh started: its jobs, then slurmd, slurmctld, munged.
 # Usage: slurm/local/stop.sh [STATE_DIR]   (default: $TUMORSYNTH_SLURM_DIR or /tmp/tumorsynth-slurm)
-# Only the daemons named by the pid files in STATE_DIR/run are stopped; running it twice is harmless.
+# Only the daemons named by the pid files in STATE_DIR/run are stopped, and only if each is that daemon of this
+# state folder (its binary, run with this folder's slurm.conf or munged pid file: common.sh); a pid file naming any
+# other process is ignored. The state folder is checked as start.sh checks it. Running it twice is harmless.
 set -euo pipefail
 
+export PATH=$PATH:/usr/sbin:/sbin  # munged, slurmctld and slurmd live in sbin
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DIR=${1:-${TUMORSYNTH_SLURM_DIR:-/tmp/tumorsynth-slurm}}
-DIR=$(realpath -m "$DIR")
+DIR=$(realpath -m -s -- "$DIR")
 export SLURM_CONF=$DIR/slurm.conf
-
-pid_of() {  # the pid of daemon NAME from its pid file, if that process is alive and is that daemon
-  local pid
-  pid=$(cat "$DIR/run/$1.pid" 2>/dev/null) || return 1
-  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$1"* ]] && echo "$pid"
-}
+# shellcheck source=slurm/local/common.sh
+source "$HERE/common.sh"
+if [[ ! -e $DIR && ! -L $DIR ]]; then
+  echo "stop.sh: no state folder $DIR: nothing to stop"
+  exit 0
+fi
+check_state_dir
 
 # Cancel the jobs first (bounded wait) so none is requeued or left half-run when the cluster starts again.
-if pid_of slurmctld >/dev/null && pid_of slurmd >/dev/null && [[ -f $SLURM_CONF ]]; then
+if daemon_pid slurmctld >/dev/null && daemon_pid slurmd >/dev/null && [[ -f $SLURM_CONF ]]; then
   jobs=$(timeout 5 squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ') || jobs=""
   if [[ -n ${jobs// /} ]]; then
     # shellcheck disable=SC2086
@@ -27,20 +32,21 @@ if pid_of slurmctld >/dev/null && pid_of slurmd >/dev/null && [[ -f $SLURM_CONF 
   fi
 fi
 
-# stop_all NAME...: SIGTERM the named daemons together, wait up to 10 s for them to exit, SIGKILL the stragglers.
+# stop_all NAME...: SIGTERM the named daemons together, wait up to 10 s for them to exit, SIGKILL the stragglers
+# (each checked again first: its pid may have been reused meanwhile).
 stop_all() {
   local name pid pids=() names=()
   for name in "$@"; do
-    if pid=$(pid_of "$name"); then kill -TERM "$pid"; pids+=("$pid"); names+=("$name"); fi
+    if pid=$(daemon_pid "$name"); then kill -TERM "$pid"; pids+=("$pid"); names+=("$name"); fi
   done
   for _ in $(seq 100); do
     local running=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && running=1; done
+    for i in "${!pids[@]}"; do is_daemon "${names[$i]}" "${pids[$i]}" && running=1; done
     (( running )) || break
     sleep 0.1
   done
   for i in "${!pids[@]}"; do
-    if kill -0 "${pids[$i]}" 2>/dev/null; then
+    if is_daemon "${names[$i]}" "${pids[$i]}"; then
       echo "stop.sh: ${names[$i]} (${pids[$i]}) ignored SIGTERM for 10 s, killing it" >&2
       kill -KILL "${pids[$i]}" 2>/dev/null || true
     fi

@@ -1,5 +1,6 @@
-"""The pipeline end to end on the local executor with tiny configs: every step's output, MPI steps on 2 ranks, the
-sweep over the synthetic store it made, and a re-run that skips everything."""
+"""The pipeline end to end on the local executor with tiny configs: prepare from the cohort, every step's output, the
+filter's choice checked against norms computed here, MPI steps on 2 ranks, the sweep over the synthetic store it made,
+and a re-run that skips everything."""
 
 import json
 import shutil
@@ -7,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import yaml
 
@@ -22,12 +25,29 @@ def _yaml(path, doc):
     return path
 
 
+def _split_rows(store, split):
+    """{(subject, slice): label} of a store split, read straight from its shard files."""
+    rows = {}
+    for shard in json.loads((store / "manifest.json").read_text())["splits"][split]["shards"]:
+        with h5py.File(store / shard["file"], "r") as f:
+            rows.update(zip(zip(f["subject"].asstr()[:], f["slice"][:].tolist()), f["label"][:]))
+    return rows
+
+
+def _floored_norms(store, masks, min_std):
+    """The z-score norms of ``masks`` against the non-empty training masks of ``store``, computed here: per pixel
+    mean and population standard deviation (floored at ``min_std``), then ‖(x − μ)/σ‖₂."""
+    real = np.stack(list(_split_rows(store, "train").values())).astype(np.float64)
+    real = real[real.reshape(len(real), -1).any(1)]
+    sigma = np.maximum(real.std(0), min_std)
+    return np.sqrt((((masks - real.mean(0)) / sigma) ** 2).sum((1, 2)))
+
+
 @pytest.mark.mpi
-def test_local_pipeline_runs_every_step_then_skips_them(store_64, tmp_path):
+def test_local_pipeline_prepares_filters_and_runs_every_step_then_skips_them(cohort, store_64, tmp_path):
     if shutil.which("mpirun") is None:
         pytest.skip("needs OpenMPI's mpirun (make test installs openmpi-bin as root)")
     out = tmp_path / "exp"
-    shutil.copytree(store_64, out / "store")  # a complete store: prepare is skipped
     pgan = _yaml(tmp_path / "pgan.yaml", {
         "data": {"store": "set-by-pipeline"}, "model": {"resolution": 64, "latent": 8, "fmap_base": 32, "fmap_max": 8},
         "schedule": {"total_kimg": 1, "lod_training_kimg": 1, "lod_transition_kimg": 1, "minibatch_repeats": 1,
@@ -44,18 +64,30 @@ def test_local_pipeline_runs_every_step_then_skips_them(store_64, tmp_path):
         "name": "tiny", "model": "unet", "base": str(base), "vars": {"real": "x", "synthetic": "y"},
         "set": {"data.real": "${real}"},
         "grid": {"classes": {"data.classes": [7, 2]},
-                 "mix": {"real + synthetic": {"data.synthetic": "${synthetic}", "data.synthetic_n": 16}}}})
-    cfg = PipelineConfig(out=out, cohort=tmp_path / "unused", pgan=TrainStep(pgan), spade=TrainStep(spade),
-                         sweep=sweep, size=64, branches=("full",), swd_images=32, masks=40, ranks=2,
-                         threshold=float("inf"))  # keep all: a 1-kimg PGAN's masks are noise (σ = 0 corners → ∞)
+                 "mix": {"real + synthetic": {"data.synthetic": "${synthetic}", "data.synthetic_n": 8}}}})
+    # A 1-kimg PGAN's masks are noise with stray labels where every real mask is background (σ = 0), so the strict
+    # rule drops them all; σ floored at 0.5 ranks them instead (measured norms 330-533, median 452), and 485 keeps
+    # most (the sweep needs 8) and drops some.
+    cfg = PipelineConfig(out=out, cohort=cohort, pgan=TrainStep(pgan), spade=TrainStep(spade), sweep=sweep, size=64,
+                         workers=2, branches=("full",), swd_images=32, masks=40, ranks=2, threshold=485.0,
+                         min_std=0.5)
     result = run_pipeline(cfg, "local")
     jobs = result["jobs"]
-    assert jobs["prepare"] == "done" and all(jobs[s] == "ran" for s in (
-        "pgan-full", "swd-full", "masks-full", "filter-full", "spade-full", "images-full"))
-    kept = Store(out / "stores" / "kept-full").manifest
-    assert kept.provenance["kept"] == 40 and kept.provenance["real_masks"] > 0
+    assert all(jobs[s] == "ran" for s in (
+        "prepare", "pgan-full", "swd-full", "masks-full", "filter-full", "spade-full", "images-full"))
+    # prepare ran on the cohort: the same slices as the session's store prepared from it with the same options
+    for split in ("train", "val", "test"):
+        mine, session = _split_rows(out / "store", split), _split_rows(store_64, split)
+        assert mine.keys() == session.keys() and all(np.array_equal(mine[k], session[k]) for k in session)
+    # the filter kept exactly the masks whose norm, computed here, is within the threshold
+    masks = Store(out / "stores" / "masks-full").read("train")["label"]
+    keep = _floored_norms(out / "store", masks.astype(np.float64), 0.5) <= 485.0
+    assert len(masks) == 40 and 8 <= keep.sum() < 40, sorted(_floored_norms(out / "store", masks, 0.5))
+    kept = Store(out / "stores" / "kept-full")
+    assert kept.manifest.provenance["kept"] == keep.sum() and kept.manifest.provenance["real_masks"] > 0
+    assert np.array_equal(kept.read("train")["label"], masks[keep])
     synthetic = Store(out / "stores" / "synthetic-full").manifest
-    assert synthetic.has_image and synthetic.splits["train"].n == 40
+    assert synthetic.has_image and synthetic.splits["train"].n == keep.sum()
     assert synthetic.provenance["masks"] == str((out / "stores" / "kept-full").resolve())
     assert (out / "runs" / "pgan-full" / "snapshots" / "best").exists()
     members = json.loads((out / "sweep" / "sweep.json").read_text())["members"]

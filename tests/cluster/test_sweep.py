@@ -58,7 +58,7 @@ def test_repeats_seeds_and_a_typo_fail_before_submission(tmp_path, base):
         load_spec(_write_sweep(tmp_path / "var.yaml", base, set={"data.real": "${nowhere}"}))
 
 
-def test_local_sweep_runs_reports_and_resumes(tmp_path, base):
+def test_local_sweep_runs_reports_and_resumes(tmp_path, base, figure):
     spec = _write_sweep(tmp_path / "s.yaml", base)
     out = tmp_path / "sweep"
     done = subprocess.run([*CLI, "sweep", "submit", str(spec), "--cluster", "local", "--out", str(out),
@@ -73,7 +73,10 @@ def test_local_sweep_runs_reports_and_resumes(tmp_path, base):
               for m in json.loads((out / "sweep.json").read_text())["members"]
               for row, col in [(m["labels"]["mix"], m["labels"]["classes"])]}
     assert {(r, c): cell["mean"] for r, cols in cells.items() for c, cell in cols.items()} == values
-    assert (out / "table1.md").exists() and (out / "table1.png").stat().st_size > 0
+    assert (out / "table1.md").exists()
+    chart = figure(out / "table1.png")  # one bar series per column (classes 7, 2), in tab10's first two colours
+    assert (chart.width, chart.height) == (240, 256) and len(chart.panels) == 1 and len(chart.panels[0]) == 1
+    assert chart.classes(chart.panels[0][0], below=3) == {0, 1}
     # a member that lost its run directory is resubmitted by resume, and only it
     first = json.loads((out / "sweep.json").read_text())["members"]
     shutil.rmtree(out / "runs" / first[1]["name"])
@@ -85,7 +88,14 @@ def test_local_sweep_runs_reports_and_resumes(tmp_path, base):
     assert len(Sweep(out).evaluate("val")) == 4  # every finished member scored on another split, as an array
     for member in after:
         scored = json.loads((out / "runs" / member["name"] / "eval-val.json").read_text())
-        assert scored["split"] == "val" and 0 <= scored["dice_error_percent"] <= 100
+        # the member's best model scored again: what its own validation logged at its best epoch
+        logged = [line for line in map(json.loads, (out / "runs" / member["name"] / "metrics.jsonl").read_text()
+                                       .splitlines()) if "val_dice_error_percent" in line]
+        best = min(logged, key=lambda line: line["val_dice_error_percent"])
+        assert scored["split"] == "val"
+        assert scored["dice_error_percent"] == pytest.approx(best["val_dice_error_percent"], rel=1e-6)
+        assert scored["per_class_dice"] == pytest.approx([best[f"val_dice_{c}"] for c in range(
+            len(scored["per_class_dice"]))], abs=1e-9)
 
 
 def test_table1_bolds_the_best_of_each_column_and_shows_spread_and_gaps(tmp_path):

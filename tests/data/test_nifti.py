@@ -1,4 +1,4 @@
-"""Cohort discovery and validation: every bad input names its file, and prepare leaves no store behind."""
+"""Cohort discovery and validation: every bad input names its file, and a fresh prepare leaves no store behind."""
 
 import gzip
 
@@ -104,6 +104,26 @@ def test_prepare_stops_on_a_bad_subject_and_leaves_no_store(tmp_path, problem):
     with pytest.raises(PrepareError, match=path.name):
         prepare(PrepareConfig(src=src, out=out, size=16, tissue="none"))
     assert not out.exists()
+
+
+def test_failed_fresh_prepare_into_a_given_empty_folder_keeps_the_folder_and_nothing_else(tmp_path):
+    src = tmp_path / "cohort"
+    write_subject(src, "Brats18_2013_1_1", seed=1)
+    _break(write_subject(src, "Brats18_2013_2_1", seed=2), "nan")
+    out = tmp_path / "store"
+    out.mkdir()
+    with pytest.raises(PrepareError, match="non-finite"):
+        prepare(PrepareConfig(src=src, out=out, size=16, tissue="none"))
+    assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+def test_partial_store_of_the_older_layout_is_refused_saying_so(tmp_path):
+    write_subject(tmp_path / "cohort", "Brats18_2013_1_1")
+    (tmp_path / "store" / ".work").mkdir(parents=True)
+    (tmp_path / "store" / ".work" / "options.json").write_text("{}")
+    with pytest.raises(PrepareError, match=r"older tumorsynth \(\.work/options\.json\)"):
+        prepare(PrepareConfig(src=tmp_path / "cohort", out=tmp_path / "store", size=16, tissue="none"))
+    assert [p.name for p in (tmp_path / "store").iterdir()] == [".work"]
 
 
 def test_skip_bad_lists_the_subject_in_the_manifest(tmp_path):

@@ -1,13 +1,26 @@
 """The sharded HDF5 store: shard writing, manifest, reading, resume bookkeeping, verification."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import hdf5plugin
 import numpy as np
 import pytest
 
-from toolkit.data.store import PROGRESS, Store, StoreError, StoreWriter, summary, verify
+from toolkit.data.store import (
+    PROGRESS,
+    CorruptShardError,
+    Store,
+    StoreError,
+    StoreWriter,
+    sha256_file,
+    summary,
+    verify,
+    write_shard,
+)
 
 
 def _rows(n, size=16, seed=0, image=True):
@@ -52,7 +65,10 @@ def test_shard_layout_chunks_and_per_row_statistics(tmp_path):
     _write_store(tmp_path / "s")
     with h5py.File(tmp_path / "s" / "train" / "shard-00000.h5", "r") as f:
         assert f["image"].chunks == (1, 16, 16)
-        assert f["image"].id.get_create_plist().get_filter(0)[0] == hdf5plugin.BLOSC_ID
+        for name in f:  # Blosc, then a fletcher32 checksum of the compressed chunk, on every dataset
+            plist = f[name].id.get_create_plist()
+            assert [plist.get_filter(i)[0] for i in range(plist.get_nfilters())] == [
+                hdf5plugin.BLOSC_ID, h5py.h5z.FILTER_FLETCHER32], name
         assert f["label"].dtype == np.uint8 and f["slice"].dtype == np.int16
         label, counts = f["label"][:], f["class_pixels"][:]
         assert f["empty"][:].tolist() == [bool((row == 0).all()) for row in label]
@@ -123,3 +139,55 @@ def test_subject_names_are_fixed_length_utf8_and_round_trip(tmp_path):
     with h5py.File(tmp_path / "s" / "train" / "shard-00000.h5", "r") as f:
         assert f["subject"].dtype.kind == "S"  # inline, not in HDF5's variable-length global heap
         assert f["subject"].asstr()[:].tolist() == rows["subject"]
+
+
+def _flip_chunk_bit(path, dataset="label", row=0):
+    """Flip one bit in the middle of a chunk's stored bytes (the data region, not HDF5's metadata)."""
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(row)
+    data = bytearray(path.read_bytes())
+    data[info.byte_offset + info.size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_read_of_a_flipped_bit_raises_naming_the_shard(tmp_path):
+    _write_store(tmp_path / "s")
+    store = Store(tmp_path / "s")
+    shard = tmp_path / "s" / "train" / "shard-00001.h5"
+    _flip_chunk_bit(shard, row=3)
+    store.read("train", 0, 10)  # the first shard is intact
+    with pytest.raises(CorruptShardError, match=r"train/shard-00001\.h5: cannot read the shard"):
+        store.read("train", 10, 20)
+
+
+def test_shard_without_fletcher32_is_checked_against_its_checksum_on_first_open(tmp_path):
+    """A shard of a store written before fletcher32 (rewritten here with the old Blosc-only filter)."""
+    _write_store(tmp_path / "s", counts={"train": [6]})
+    path = tmp_path / "s" / "train" / "shard-00000.h5"
+    with h5py.File(path, "r") as f:
+        rows = {name: f[name][:] for name in f}
+    with h5py.File(path, "w") as f:
+        for name, array in rows.items():
+            f.create_dataset(name, data=array, **hdf5plugin.Blosc(cname="lz4", clevel=5,
+                                                                  shuffle=hdf5plugin.Blosc.SHUFFLE))
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["sha256"] = sha256_file(path)
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    np.testing.assert_array_equal(Store(tmp_path / "s").read("train")["label"], rows["label"])
+    _flip_chunk_bit(path)
+    with pytest.raises(CorruptShardError, match=r"train/shard-00000\.h5: checksum mismatch"):
+        Store(tmp_path / "s").read("train")
+
+
+def test_shard_bytes_do_not_depend_on_the_writing_process(tmp_path):
+    """The same rows written here and in a fresh interpreter give the same file: checksums name content only."""
+    script = (
+        "import sys; from pathlib import Path; from tests.data.test_store import _rows; "
+        "from toolkit.data.store import write_shard; "
+        "print(write_shard(Path(sys.argv[1]), classes=7, **_rows(9, seed=4)).sha256)"
+    )
+    other = subprocess.run([sys.executable, "-c", script, str(tmp_path / "b" / "shard-00000.h5")],
+                           capture_output=True, text=True, timeout=120, check=True, cwd=Path(__file__).parents[2])
+    mine = write_shard(tmp_path / "a" / "shard-00000.h5", classes=7, **_rows(9, seed=4))
+    assert other.stdout.strip() == mine.sha256 == sha256_file(tmp_path / "a" / "shard-00000.h5")
+    assert (tmp_path / "a" / "shard-00000.h5").read_bytes() == (tmp_path / "b" / "shard-00000.h5").read_bytes()

@@ -97,7 +97,7 @@ def _norms_by_split(stores):
     return {split: norms(labels, moments) for split, labels in stores["synth"].items()}
 
 
-def test_filter_keeps_exactly_the_rows_within_the_threshold(stores, tmp_path):
+def test_filter_keeps_exactly_the_rows_within_the_threshold(stores, tmp_path, figure):
     expected = _norms_by_split(stores)
     threshold = float(np.median(np.concatenate(list(expected.values()))))  # drops about half
     out = tmp_path / "kept"
@@ -116,7 +116,13 @@ def test_filter_keeps_exactly_the_rows_within_the_threshold(stores, tmp_path):
         np.testing.assert_array_equal(rows["label"], labels[keep])
         np.testing.assert_array_equal(rows["image"], labels[keep].astype(np.uint16) * 100 + 7)
         assert [s.decode() for s in rows["subject"]] == [f"{split}{i}" for i in np.flatnonzero(keep)]
-    assert result["figure"] == str(out / "dropped.png") and (out / "dropped.png").stat().st_size > 0
+    # the figure: up to 8 dropped masks, one panel each, every one of them a dropped mask
+    dropped = np.concatenate([labels[expected[split] > threshold] for split, labels in stores["synth"].items()])
+    assert result["figure"] == str(out / "dropped.png")
+    fig = figure(out / "dropped.png")
+    assert (fig.width, fig.height) == (8 * 176, 176) and [len(row) for row in fig.panels] == [8]
+    for panel in fig.panels[0]:
+        assert ((fig.labels(fig.cells(panel, SIZE))[None] == dropped).all(axis=(1, 2))).any()
     provenance = kept.manifest.provenance
     assert provenance["threshold"] == threshold and provenance["reduced"] is False
     assert provenance["kept"] == result["kept"] and provenance["synthetic"] == str(stores["synthetic"].resolve())
@@ -160,7 +166,7 @@ def test_output_is_identical_for_1_2_and_4_ranks(stores, tmp_path):
     assert outputs[0] == outputs[1] == outputs[2]
 
 
-def test_calibration_curves_are_monotonic_and_the_suggestion_follows_the_rule(stores, tmp_path):
+def test_calibration_curves_are_monotonic_and_the_suggestion_follows_the_rule(stores, tmp_path, figure):
     result = calibrate(stores["real"], stores["synthetic"], tmp_path, comm=MPI.COMM_SELF)
     with open(result["csv"], newline="") as handle:
         table = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
@@ -168,7 +174,10 @@ def test_calibration_curves_are_monotonic_and_the_suggestion_follows_the_rule(st
     real, synth = np.array([r["real_dropped"] for r in table]), np.array([r["synthetic_dropped"] for r in table])
     assert len(table) == 401 and (np.diff(thresholds) > 0).all()
     assert (np.diff(real) <= 0).all() and (np.diff(synth) <= 0).all()
-    assert (tmp_path / "calibration.png").stat().st_size > 0
+    # both curves (tab10 blue: real, orange: synthetic) and the suggestion's red line in one 5 × 3 in plot
+    plot = figure(tmp_path / "calibration.png")
+    assert (plot.width, plot.height) == (400, 240) and [len(row) for row in plot.panels] == [1]
+    assert plot.classes(plot.panels[0][0], below=4) == {0, 1, 3}
     # The real curve scores the non-empty validation masks against the training statistics.
     val = stores["val"][stores["val"].reshape(len(stores["val"]), -1).any(1)]
     val_norms = norms(val, real_moments(stores["real"], reduced=False, comm=MPI.COMM_SELF))
@@ -177,7 +186,7 @@ def test_calibration_curves_are_monotonic_and_the_suggestion_follows_the_rule(st
     # The rule: the smallest threshold of the grid at which at most 1 % of real masks are dropped.
     assert result["suggested_threshold"] == thresholds[np.flatnonzero(real <= 0.01)[0]]
     grid = np.array([0.0, result["suggested_threshold"], 1e9])
-    assert calibrate(stores["real"], stores["synthetic"], tmp_path, thresholds=grid,
+    assert calibrate(stores["real"], stores["synthetic"], tmp_path / "grid", thresholds=grid,
                      comm=MPI.COMM_SELF)["suggested_threshold"] == result["suggested_threshold"]
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toolkit.metrics.dice import DiceAccumulator, class_weights, dice_report, soft_dice_loss
+from toolkit.metrics.dice import DiceAccumulator, class_weights, dice_from_sums, dice_report, soft_dice_loss
 
 
 def numpy_dice(pred: np.ndarray, gt: np.ndarray, classes: int) -> np.ndarray:
@@ -113,3 +113,11 @@ def test_dice_report():
         dice_report(pred[:2], gt[:3], 4)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         dice_report(pred, gt, 3)
+
+
+def test_a_non_finite_sum_gives_a_non_finite_dice_not_a_perfect_score():
+    # a diverged U-Net's softmax sums are NaN; Dice 1 there would read as a perfect loss of 0 and hide the divergence
+    intersection = torch.tensor([1.0, float("nan"), 0.0])
+    total = torch.tensor([4.0, float("nan"), 0.0])
+    dice = dice_from_sums(intersection, total)
+    assert dice[0] == 0.5 and torch.isnan(dice[1]) and dice[2] == 1.0

@@ -95,7 +95,9 @@ def test_ranks_vote_with_device_tensors_every_agree_every_steps(tmp_path):
     cfg = LoopConfig(epochs=1, log_every_steps=1000, agree_every_steps=5, checkpoint_every_minutes=0)
     result = run(_CountingTask(steps=23), cfg, tmp_path, dist, config={})
     assert result.status == "done"
-    assert VOTES == [META] * 4  # steps 5, 10, 15, 20; each vote made on the run's device
+    # steps 5, 10, 15, 20, and the epoch's end (the divergence check before evaluation and the epoch's save);
+    # each vote made on the run's device
+    assert VOTES == [META] * 5
 
 
 def test_local_device_wraps_the_local_rank_onto_the_visible_gpus(monkeypatch):

@@ -86,13 +86,18 @@ def test_generate_masks_over_two_ranks_is_byte_identical(runs, one_rank_masks, t
 
 
 @pytest.mark.mpi
-def test_generate_images_over_two_ranks_is_byte_identical(runs, one_rank_masks, tmp_path):
+def test_generate_images_over_two_ranks_is_byte_identical(runs, one_rank_masks, tmp_path, figure):
     outs = {ranks: tmp_path / f"ranks-{ranks}" for ranks in (1, 2)}
     for ranks, out in outs.items():
         run(ranks, "generate", "images", str(runs[1]), "--masks", str(one_rank_masks), "--out", str(out), "--batch",
             "3", "--png")
-    assert Store(outs[1]).manifest.has_image and (outs[2] / "preview.png").exists()
+    assert Store(outs[1]).manifest.has_image
     assert_same_store(outs[1], outs[2])
+    # rank 0 drew the preview: mask / synthetic rows of the first 8 pairs, each mask panel the stored mask
+    preview = figure(outs[2] / "preview.png")
+    assert [len(row) for row in preview.panels] == [8, 8]
+    labels = Store(outs[2]).read("train", 0, 8)["label"]
+    assert all(preview.agreement(panel, mask) > 0.999 for panel, mask in zip(preview.panels[0], labels))
 
 
 def test_a_killed_runs_rank_records_are_adopted_after_their_checksums(runs, one_rank_masks, tmp_path):

@@ -87,12 +87,22 @@ def test_dry_schedule_of_the_paper_config_has_205_ticks():
     assert doc["per_resolution"]["256"]["minibatch"] == 8
 
 
-def test_a_snapshot_and_sample_grid_per_tick(pgan_run):
+def test_a_snapshot_and_sample_grid_per_tick(pgan_run, figure):
+    from toolkit.train.generate import generate_labels, load_generator
+
     _, run_dir = pgan_run
     ticks = json.loads((run_dir / "DONE").read_text())["epochs"]
     assert ticks == 3
     assert sorted(p.name for p in (run_dir / "snapshots").glob("tick-*.pt")) == [f"tick-{t:04d}.pt" for t in range(3)]
-    assert all((run_dir / "samples" / f"tick-{t:04d}.png").stat().st_size > 0 for t in range(3))
+    latents = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))  # `samples` fixed latents of the seed
+    for t in range(3):
+        # each tick's grid shows its snapshot's EMA generator on the fixed latents, one panel per sample
+        generator, meta = load_generator(run_dir / "snapshots" / f"tick-{t:04d}.pt", torch.device("cpu"))
+        masks = generate_labels(generator, meta["lod"], latents, batch=8)
+        fig = figure(run_dir / "samples" / f"tick-{t:04d}.png")
+        assert (fig.width, fig.height) == (8 * 96, 96 + 32) and [len(row) for row in fig.panels] == [8]
+        for panel, mask in zip(fig.panels[0], masks):
+            assert (fig.labels(fig.cells(panel, 16)) == mask).mean() > 0.99
     lods = [json.loads(line)["lod"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lods[0] == 2.0 and lods[-1] == 1.0 and any(1 < lod < 2 for lod in lods)  # stable, fade, stable
 

@@ -19,6 +19,7 @@ import submitit
 
 from toolkit import config as configs
 from toolkit.cluster import slurmctl
+from toolkit.cluster.private import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,14 @@ class Profile:
     name: str
     partition: str | None = None
     constraint: str | None = None
-    gpus_per_node: int = 0
-    tasks_per_node: int = 1
-    nodes: int = 1
-    cpus_per_task: int = 1
-    mem_gb: float = 4.0
-    timeout_min: int = 60
-    signal_delay_s: int = 120
-    array_parallelism: int = 8
+    gpus_per_node: configs.NonNegativeInt = 0
+    tasks_per_node: configs.PositiveInt = 1
+    nodes: configs.PositiveInt = 1
+    cpus_per_task: configs.PositiveInt = 1
+    mem_gb: configs.PositiveFloat = 4.0
+    timeout_min: configs.PositiveInt = 60
+    signal_delay_s: configs.NonNegativeInt = 120
+    array_parallelism: configs.PositiveInt = 8
     additional: dict[str, str] = field(default_factory=dict)
     setup: tuple[str, ...] = ()
     dist: str = "ddp"  # backend of multi-task trainings: ddp (torch's rendezvous) or horovod (srun --mpi=pmix)
@@ -75,7 +76,8 @@ def executor(cluster: str, profile: Profile, folder: Path, *, tasks: int | None 
 
     ``tasks`` overrides the profile's tasks per node (e.g. 2 MPI ranks for a filter job); ``mpi`` launches the tasks
     with ``srun --mpi=pmix`` so that mpi4py's COMM_WORLD spans them; ``after`` (SLURM job ids) makes the jobs wait for
-    those to complete successfully (``--dependency=afterok:…``).
+    those to complete successfully (``--dependency=afterok:…``). ``folder`` holds the pickled jobs: it is made
+    private (0700), and an existing one that others could have written is refused (:func:`private_dir`).
     """
     if cluster not in CLUSTERS:
         raise ValueError(f"--cluster must be one of {CLUSTERS}, got {cluster!r}")
@@ -84,7 +86,7 @@ def executor(cluster: str, profile: Profile, folder: Path, *, tasks: int | None 
                            "local test cluster: slurm/local/start.sh, then source /tmp/tumorsynth-slurm/env.sh)")
     if tasks is not None:
         profile = replace(profile, tasks_per_node=tasks)
-    ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    ex = submitit.AutoExecutor(folder=private_dir(folder), cluster=cluster)
     params: dict[str, Any] = {"timeout_min": profile.timeout_min, "tasks_per_node": profile.tasks_per_node,
                               "cpus_per_task": profile.cpus_per_task, "nodes": profile.nodes,
                               "gpus_per_node": profile.gpus_per_node, "mem_gb": profile.mem_gb,

@@ -13,13 +13,17 @@ steps run here, in order, MPI steps under ``mpirun``. Either way a step whose ou
 ``slurm`` one whose job from an earlier run is still queued keeps that job), so running a pipeline again resumes it;
 the jobs themselves resume from their checkpoints and finished shards. Everything lives under ``out``: ``store/``,
 ``runs/{pgan,spade}-<b>/``, ``stores/{masks,kept,synthetic}-<b>/``, ``sweep/`` and ``.pipeline/`` (pickled jobs for
-mpirun, submitit logs, ``jobs.json`` with the job ids).
+mpirun, submitit logs, ``jobs.json`` with the job ids). ``.pipeline/`` is private (0700, owner-checked: it holds
+pickles, which run as code). A run holds its lock throughout, so a second run of the same pipeline stops at once
+naming the first, and rewrites ``jobs.json`` after every step: a failure half-way leaves every submitted job tracked,
+and the next run keeps those still queued.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -37,9 +41,12 @@ from jobs.prepare import PrepareJob
 from jobs.train import TrainJob
 from toolkit.atomic import write_bytes, write_json
 from toolkit.cluster import slurmctl
-from toolkit.cluster.executors import executor, load_profile
+from toolkit.cluster.executors import ClusterError, executor, load_profile
+from toolkit.cluster.private import private_dir
 from toolkit.cluster.sweep import Sweep
+from toolkit.config import NonNegativeFloat, NonNegativeInt, PositiveInt, Threshold
 from toolkit.data.prepare import PrepareConfig
+from toolkit.lock import WriterLock
 from toolkit.mpi import clean_environment, mpirun_prefix
 
 log = logging.getLogger(__name__)
@@ -64,17 +71,24 @@ class PipelineConfig:
     pgan: TrainStep
     spade: TrainStep
     sweep: Path
-    size: int = 256
-    workers: int = 4
+    size: PositiveInt = 256  # a power of two ≥ 8 (checked below, before anything is written)
+    workers: PositiveInt = 4
     branches: tuple[str, ...] = ("full", "reduced")
-    swd_images: int = 16384
-    masks: int = 100_000
-    threshold: float = 500.0
-    min_std: float = 0.0
-    ranks: int = 2
+    swd_images: PositiveInt = 16384
+    masks: PositiveInt = 100_000
+    threshold: Threshold = 500.0  # .inf keeps every mask
+    min_std: NonNegativeFloat = 0.0
+    ranks: PositiveInt = 2
     sweep_set: tuple[str, ...] = ()
     profile: str = "local"
-    seed: int = 0
+    seed: NonNegativeInt = 0
+
+    def __post_init__(self) -> None:
+        if self.size < 8 or self.size & (self.size - 1):
+            raise ValueError(f"size: expected a power of two ≥ 8, got {self.size}")
+        unknown = [b for b in self.branches if b not in BRANCHES]
+        if unknown:
+            raise ValueError(f"branches: {unknown} are not among {BRANCHES}")
 
 
 @dataclass(frozen=True)
@@ -95,9 +109,6 @@ def steps(cfg: PipelineConfig, cluster: str = "local") -> list[Step]:
     Training steps run one process per task of the profile on ``slurm`` (DDP or Horovod, as the profile says; one
     process locally); MPI steps run ``cfg.ranks`` tasks; the others one.
     """
-    for branch in cfg.branches:
-        if branch not in BRANCHES:
-            raise ValueError(f"branches: {branch!r} is not one of {BRANCHES}")
     out = Path(cfg.out)
     store = out / "store"
     profile = load_profile(cfg.profile)
@@ -133,21 +144,32 @@ def run_pipeline(cfg: PipelineConfig, cluster: str, *, sweep_timeout: float = 24
     """Run (local) or queue (slurm) every unfinished step and the sweep.
 
     Returns ``{"jobs": {step: SLURM job id, "done" (skipped) or "ran"}, "seconds": {step: wall time}}`` (seconds
-    only for steps that ran here).
+    only for steps that ran here). Holds the lock of ``out/.pipeline`` throughout; a second run gets
+    :class:`~toolkit.lock.LockedError` naming this one.
     """
+    state = private_dir(Path(cfg.out) / ".pipeline")
+    with WriterLock(state, "pipeline"):
+        return _run(cfg, cluster, state, sweep_timeout)
+
+
+def _run(cfg: PipelineConfig, cluster: str, state: Path, sweep_timeout: float) -> dict[str, Any]:
     out = Path(cfg.out)
-    state = out / ".pipeline"
-    state.mkdir(parents=True, exist_ok=True)
     submitted: dict[str, str] = {}
     seconds: dict[str, float] = {}
     queued = _still_queued(state) if cluster == "slurm" else {}
+
+    def track(name: str, job: str) -> None:
+        """Record a step's job at once, beside the earlier run's jobs still queued (until their steps come up)."""
+        submitted[name] = job
+        write_json(state / "jobs.json", {**queued, **submitted})
+
     for step in steps(cfg, cluster):
         if step.done():
             log.info("pipeline: %s is complete, skipped", step.name)
-            submitted[step.name] = "done"
+            track(step.name, "done")
             continue
         if step.name in queued:  # a job of an earlier `pipeline run` is still pending or running: keep it
-            submitted[step.name] = queued[step.name]
+            track(step.name, queued[step.name])
             log.info("pipeline: %s is still queued as job %s", step.name, queued[step.name])
             continue
         if cluster == "local":
@@ -155,36 +177,42 @@ def run_pipeline(cfg: PipelineConfig, cluster: str, *, sweep_timeout: float = 24
             begin = time.perf_counter()
             _run_local(step, state)
             seconds[step.name] = time.perf_counter() - begin
-            submitted[step.name] = "ran"
+            track(step.name, "ran")
             continue
         parents = [submitted[p] for p in step.after if submitted.get(p) not in (None, "done")]
         ex = executor("slurm", load_profile(cfg.profile), state / "logs" / step.name, tasks=step.tasks,
                       mpi=step.tasks > 1 and _uses_mpi(step.job), after=parents)
-        submitted[step.name] = str(ex.submit(step.job).job_id)
+        track(step.name, str(ex.submit(step.job).job_id))
         log.info("pipeline: %s queued as job %s (after %s)", step.name, submitted[step.name], parents or "nothing")
     images = [submitted[f"images-{b}"] for b in cfg.branches if submitted[f"images-{b}"] not in ("done", "ran")]
     stores = {f"synthetic_{b}": str((out / "stores" / f"synthetic-{b}").resolve()) for b in cfg.branches}
     variables = {"real": str((out / "store").resolve()), "synthetic": stores[f"synthetic_{cfg.branches[0]}"], **stores}
-    sweep = Sweep.create(Path(cfg.sweep), out / "sweep", cluster, cfg.profile, tuple(cfg.sweep_set),
-                         tuple(f"{k}={v}" for k, v in variables.items()))
-    pending = [row["name"] for row in sweep.status() if row["state"] in ("not started", "preempted", "failed")]
-    begin = time.perf_counter()
-    ids = sweep.submit(pending, after=images or None, timeout=sweep_timeout) if pending else []
+    with Sweep.create(Path(cfg.sweep), out / "sweep", cluster, cfg.profile, tuple(cfg.sweep_set),
+                      tuple(f"{k}={v}" for k, v in variables.items())) as sweep:
+        begin = time.perf_counter()
+        ids = sweep.resume(after=images or None, timeout=sweep_timeout)
+        finished = all(row["state"] == "done" for row in sweep.status())
     if cluster == "local" and ids:
         seconds["sweep"] = time.perf_counter() - begin
-    submitted["sweep"] = ",".join(ids) if ids else ("done" if not pending and all(
-        row["state"] == "done" for row in sweep.status()) else "queued earlier")
-    write_json(state / "jobs.json", submitted)
+    track("sweep", ",".join(ids) if ids else ("done" if finished else "queued earlier"))
     return {"jobs": submitted, "seconds": seconds}
 
 
 def _still_queued(state: Path) -> dict[str, str]:
-    """Steps whose job from an earlier run (``jobs.json``) SLURM still holds as pending or running."""
+    """Steps whose job from an earlier run (``jobs.json``) SLURM still holds as pending or running.
+
+    A controller that does not answer stops the run (ClusterError) before anything is submitted: taking its jobs for
+    gone would submit them a second time.
+    """
     path = state / "jobs.json"
     if not path.exists():
         return {}
     earlier = {k: v for k, v in json.loads(path.read_text()).items() if k != "sweep" and v not in ("done", "ran")}
-    live = slurmctl.job_states(earlier.values()) if earlier else {}
+    try:
+        live = slurmctl.job_states(earlier.values()) if earlier else {}
+    except RuntimeError as err:
+        raise ClusterError(f"{path}: cannot tell which of these jobs are still queued ({err}); nothing submitted, "
+                           "try again when the controller answers") from None
     return {name: job for name, job in earlier.items() if live.get(job) not in (None, *slurmctl.FINISHED)}
 
 
@@ -200,6 +228,7 @@ def _run_local(step: Step, state: Path) -> None:
         return
     path = state / f"{step.name}.pkl"
     write_bytes(path, pickle.dumps(step.job))
+    os.chmod(path, 0o600)  # read back by `python -m jobs`, which takes only a file no one else may write
     command = [*mpirun_prefix(step.tasks), sys.executable, "-m", "jobs", str(path)]
     done = subprocess.run(command, env=clean_environment(), capture_output=True, text=True, check=False)
     if done.returncode:

@@ -17,20 +17,30 @@ Sweep YAML (configs/sweeps/table1.yaml)::
     report: {columns: classes, rows: mix}
 
 The sweep directory holds ``sweep.json`` (the spec and, per member, its labels, overrides, run directory and every
-job id it was submitted under), ``runs/<member>/`` and ``logs/`` (submitit). A member's state comes from its run
-directory (``DONE`` and the evaluation file, ``ERROR``, checkpoints, ``attempts.jsonl``) and, for jobs SLURM still
-knows, from the controller; never from accounting.
+job id it was submitted under), ``runs/<member>/`` and ``logs/`` (submitit, private: it holds pickled jobs). A
+member's state comes from its run directory (``DONE`` and the evaluation file, ``ERROR``, checkpoints,
+``attempts.jsonl``), from its lock (a live process holding the run directory is running, whatever the controller says)
+and, for jobs SLURM still knows, from the controller; never from accounting. While the controller does not answer, a
+member that may still be queued is "unknown", and nothing resubmits it.
+
+One writer at a time: submitting and resuming hold the sweep directory's lock (:mod:`toolkit.lock`), on ``local``
+until the members have run. Submitting a sweep file to an existing sweep directory resumes it when its definition
+(members and their overrides, base config and its content, evaluation split, cluster, profile, report axes) is
+unchanged, and is refused naming what differs otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import yaml
@@ -41,12 +51,15 @@ from toolkit import config as configs
 from toolkit.atomic import write_json
 from toolkit.cluster import slurmctl
 from toolkit.cluster.executors import ClusterError, Profile, executor, load_profile
+from toolkit.lock import WriterLock, holder
+from toolkit.provenance import compare, fingerprint
 from toolkit.report.tables import table1
 
 log = logging.getLogger(__name__)
 
 SWEEP = "sweep.json"
-STATES = ("not started", "pending", "running", "requeued", "preempted", "done", "failed")
+STATES = ("not started", "pending", "running", "requeued", "preempted", "done", "failed", "unknown")
+RESUBMIT = ("not started", "preempted", "failed")  # the states `resume` submits again
 
 
 @dataclass(frozen=True)
@@ -65,7 +78,7 @@ class SweepSpec:
     grid: dict[str, dict[str, dict[str, Any]]]
     set: dict[str, Any] = field(default_factory=dict)
     evaluate: str = "test"
-    repeats: int = 1
+    repeats: configs.PositiveInt = 1
     report: ReportAxes = field(default_factory=ReportAxes)
 
 
@@ -74,10 +87,7 @@ def load_spec(path: Path, sets: tuple[str, ...] = (), variables: tuple[str, ...]
     ``name=value`` variables (over the file's ``vars``); every member's config is checked now, so a typo fails before
     anything is submitted."""
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise configs.ConfigError(f"{path}: not valid YAML: {err}") from None
+    doc = configs.safe_load_text(path.read_text(), str(path))  # duplicate keys refused, naming the line
     if not isinstance(doc, dict) or "grid" not in doc:
         raise configs.ConfigError(f"{path}: a sweep needs a 'grid' mapping")
     names = {**(doc.pop("vars", None) or {}), **_parse_sets(variables)}
@@ -93,7 +103,7 @@ def load_spec(path: Path, sets: tuple[str, ...] = (), variables: tuple[str, ...]
 
     config_cls, _ = trainer(spec.model)
     for member in members(spec):
-        configs.load(config_cls, spec.base, member["overrides"])
+        configs.load(config_cls, spec.base, member["overrides"], overrides_source=f"{path}: member {member['name']}")
     return spec
 
 
@@ -117,7 +127,7 @@ def _parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise configs.ConfigError(f"--set: expected key.path=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(text)
+        out[key.strip()] = configs.safe_load_text(text, f"--set {item}")
     return out
 
 
@@ -151,8 +161,23 @@ def members(spec: SweepSpec) -> list[dict[str, Any]]:
     return out
 
 
+def _definition(doc: dict[str, Any]) -> dict[str, Any]:
+    """What makes a sweep's results, from its ``sweep.json``: compared when a sweep file is submitted again."""
+    out = {key: doc.get(key) for key in ("name", "model", "base", "base_fingerprint", "evaluate", "cluster",
+                                         "profile", "report")}
+    out["members"] = [m["name"] for m in doc["members"]]
+    for m in doc["members"]:  # one entry per override, so that a difference names the member and the key
+        out[f"{m['name']} labels"] = m["labels"]
+        out.update({f"{m['name']} {key}": value for key, _, value in (o.partition("=") for o in m["overrides"])})
+    return out
+
+
 class Sweep:
-    """A sweep directory: submit, status, resume, report."""
+    """A sweep directory: submit, status, resume, report.
+
+    ``Sweep(root)`` reads it (status, report); :meth:`submit` and :meth:`resume` take its lock for their duration.
+    :meth:`create` returns one that holds the lock until :meth:`close` (``with Sweep.create(...) as sweep``).
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -160,28 +185,64 @@ class Sweep:
         if not path.exists():
             raise FileNotFoundError(f"{path}: not a sweep directory (no {SWEEP})")
         self.doc = json.loads(path.read_text())
+        self._lock: WriterLock | None = None
 
     @classmethod
     def create(cls, spec_path: Path, root: Path, cluster: str, profile: str, sets: tuple[str, ...] = (),
                variables: tuple[str, ...] = ()) -> Sweep:
-        """Write a new sweep directory for ``spec_path`` (an existing one of the same file is reopened as it is; one
-        of another sweep is refused)."""
+        """The sweep directory ``root`` for ``spec_path``, locked for writing until :meth:`close`: a new one is
+        written; an existing one is reopened as it is when its definition is this one (:meth:`resume` then submits
+        only what is neither done nor queued), and refused naming what differs otherwise (``OptionsChanged``).
+        A second writer gets :class:`~toolkit.lock.LockedError` naming the one at work."""
         spec = load_spec(spec_path, sets, variables)
         if cluster == "slurm" and not slurmctl.available():  # before anything is written
             raise ClusterError("--cluster slurm: no SLURM controller answers `scontrol ping` (is SLURM_CONF set?)")
         root = Path(root)
-        if (root / SWEEP).exists():
-            previous = json.loads((root / SWEEP).read_text())
-            if previous["spec_file"] != str(Path(spec_path).resolve()):
-                raise FileExistsError(f"{root}: holds the sweep of {previous['spec_file']}")
-            return cls(root)
         doc = {"spec_file": str(Path(spec_path).resolve()), "name": spec.name, "model": spec.model,
-               "base": str(spec.base), "evaluate": spec.evaluate, "cluster": cluster, "profile": profile,
+               "base": str(spec.base), "base_fingerprint": fingerprint(spec.base), "evaluate": spec.evaluate,
+               "cluster": cluster, "profile": profile,
                "report": {"rows": spec.report.rows, "columns": spec.report.columns},
                "members": [{**m, "run_dir": str((root / "runs" / m["name"]).resolve()), "jobs": []}
                            for m in members(spec)]}
-        write_json(root / SWEEP, doc)
-        return cls(root)
+        lock = WriterLock(root, "sweep").acquire()
+        try:
+            if (root / SWEEP).exists():
+                compare(_definition(json.loads((root / SWEEP).read_text())), _definition(doc), root)
+                log.info("%s: the same sweep exists; resuming it", root)
+            else:
+                write_json(root / SWEEP, doc)
+            sweep = cls(root)
+        except BaseException:
+            lock.release()
+            raise
+        sweep._lock = lock
+        return sweep
+
+    def close(self) -> None:
+        """Release the lock :meth:`create` took (if any)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> Sweep:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the sweep's lock (unless this object already does) and work on ``sweep.json`` as last saved."""
+        if self._lock is not None:
+            yield
+            return
+        with WriterLock(self.root, "sweep") as lock:
+            self._lock = lock
+            try:
+                self.doc = json.loads((self.root / SWEEP).read_text())
+                yield
+            finally:
+                self._lock = None
 
     def _save(self) -> None:
         write_json(self.root / SWEEP, self.doc)
@@ -199,17 +260,20 @@ class Sweep:
 
         On ``local`` the members run as subprocesses, ``array_parallelism`` at a time, and this call waits for them
         (up to ``timeout`` seconds); on ``slurm`` it returns once the array is queued (after ``after`` succeeded).
+        ``sweep.json`` records each job id as soon as it is submitted. Holds the sweep's lock throughout.
         """
-        chosen = [m for m in self.doc["members"] if names is None or m["name"] in names]
-        if not chosen:
-            return []
+        with self._writing():
+            chosen = [m for m in self.doc["members"] if names is None or m["name"] in names]
+            return self._submit(chosen, timeout, after) if chosen else []
+
+    def _submit(self, chosen: list[dict[str, Any]], timeout: float, after: list[str] | None) -> list[str]:
         profile: Profile = load_profile(self.doc["profile"])
         ex = executor(self.doc["cluster"], profile, self.root / "logs", after=after,
                       tasks=None if self.doc["cluster"] == "slurm" else 1,
                       mpi=profile.training_backend(self.doc["cluster"]) == "horovod")
         if self.doc["cluster"] == "local":
             return self._run_local(ex, chosen, profile.array_parallelism, timeout)
-        with ex.batch():
+        with ex.batch():  # one sbatch for the whole array: it queues every member or none
             handles = [ex.submit(self._job(m)) for m in chosen]
         for member, handle in zip(chosen, handles):
             member["jobs"].append(str(handle.job_id))
@@ -251,30 +315,46 @@ class Sweep:
                 handle.result()
         return [str(h.job_id) for h in handles]
 
-    def resume(self) -> list[str]:
-        """Resubmit exactly the members that are neither done nor queued/running."""
-        todo = [row["name"] for row in self.status() if row["state"] in ("not started", "preempted", "failed")]
-        return self.submit(todo) if todo else []
+    def resume(self, *, timeout: float = 24 * 3600, after: list[str] | None = None) -> list[str]:
+        """Submit exactly the members that are neither done nor queued or running (nor of unknown state), as
+        :meth:`submit` does; decided and submitted under the sweep's lock."""
+        with self._writing():
+            todo = [row["name"] for row in self.status() if row["state"] in RESUBMIT]
+            return self.submit(todo, timeout=timeout, after=after) if todo else []
 
     # --- status and report ------------------------------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
         """One row per member: name, state, job_id, restarts, epoch, best_val, error (``sweep status`` keys)."""
         latest = [m["jobs"][-1] for m in self.doc["members"] if m["jobs"]]
-        live = slurmctl.job_states(latest) if self.doc["cluster"] == "slurm" and latest and slurmctl.available() \
-            else {}
+        live = self._controller(latest)
         return [self._member_status(m, live) for m in self.doc["members"]]
 
-    def _member_status(self, member: dict[str, Any], live: dict[str, str]) -> dict[str, Any]:
+    def _controller(self, job_ids: list[str]) -> dict[str, str] | None:
+        """SLURM's state of each job it knows; None when the controller does not answer (or no SLURM is here)."""
+        if self.doc["cluster"] != "slurm" or not job_ids:
+            return {}
+        try:
+            return slurmctl.job_states(job_ids)
+        except RuntimeError as err:
+            log.warning("%s: the SLURM controller did not answer (%s); its members' states are unknown", self.root,
+                        err)
+            return None
+
+    def _member_status(self, member: dict[str, Any], live: dict[str, str] | None) -> dict[str, Any]:
         run = Path(member["run_dir"])
         job_id = member["jobs"][-1] if member["jobs"] else None
         attempts = _lines(run / ATTEMPTS)
         starts = [a for a in attempts if str(a.get("rank", "0")) == "0"]
         metrics = [m for m in _lines(run / "metrics.jsonl") if "val_loss" in m]
         evaluated = (run / f"eval-{self.doc['evaluate']}.json").exists()
-        slurm_state = live.get(job_id or "")
+        slurm_state = (live or {}).get(job_id or "")
         error = None
         if (run / "DONE").exists() and evaluated:
             state = "done"
+        elif holder(run) is not None:  # a live process holds the run directory: whatever the controller says
+            state = "running"
+        elif live is None and job_id is not None:  # its job may be queued or running: never treat it as gone
+            state, error = "unknown", "the SLURM controller did not answer"
         elif slurm_state in ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
             state = "requeued" if starts else "pending"
         elif slurm_state in ("RUNNING", "COMPLETING", "SUSPENDED"):

@@ -10,7 +10,9 @@ Reading: each process (the main one or a DataLoader worker) opens every shard it
 by pid and never pickled, so a dataset built in the parent is safe to send to forked or spawned workers. A batch is
 read with one h5py call per row, in (shard, row) order: with (1,S,S) chunks every row is its own chunk, and a
 fancy-index or union-hyperslab read of several rows takes HDF5's irregular-selection path, measured far slower than
-per-row reads. The per-row cost is then the chunk decompression itself (see toolkit.data.store).
+per-row reads. The per-row cost is then the chunk decompression itself (see toolkit.data.store). A corrupt shard
+(fletcher32 mismatch, or, in a store without fletcher32, a checksum mismatch on first open) stops the reader with
+:class:`~toolkit.data.store.CorruptShardError` naming the shard file.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from toolkit.data.labels import view_table
-from toolkit.data.store import SPLITS, Store
+from toolkit.data.store import SPLITS, Store, open_shard, reading
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ class SliceDataset(Dataset):
         self.image_size = 0
         self._tables: list[np.ndarray | None] = []  # stored class -> view class per source; None is the identity
         self._paths: list[Path] = []  # every shard of every source; ``_shard`` indexes this list
+        self._sha256: list[str] = []  # their manifest checksums, for shards without fletcher32
         self._has_image: list[bool] = []
         src, shard, local = [], [], []
         for i, source in enumerate(self.sources):
@@ -133,7 +136,9 @@ class SliceDataset(Dataset):
         starts = ends - np.array([sh.n for sh in split.shards], dtype=np.int64)
         rows = np.arange(count, dtype=np.int64)
         first = len(self._paths)
-        self._paths.extend(path for _, path in store.shards(source.split))
+        for info, path in store.shards(source.split):
+            self._paths.append(path)
+            self._sha256.append(info.sha256)
         if source.drop_empty:
             used = np.searchsorted(starts, count, side="left")  # shards overlapping the prefix
             empty = [self._read_small(first + k, "empty") for k in range(used)]
@@ -143,8 +148,11 @@ class SliceDataset(Dataset):
 
     def _read_small(self, shard: int, name: str) -> np.ndarray:
         """A whole per-row dataset (``empty``, ``class_pixels``) of one shard."""
-        with h5py.File(self._paths[shard], "r") as f:
+        with self._open_shard(shard) as f, reading(self._paths[shard]):
             return f[name][:]
+
+    def _open_shard(self, shard: int, **options: Any) -> h5py.File:
+        return open_shard(self._paths[shard], self._sha256[shard], **options)
 
     def __len__(self) -> int:
         return len(self._local)
@@ -167,7 +175,7 @@ class SliceDataset(Dataset):
             self._open, self._pid = {}, os.getpid()
         entry = self._open.get(shard)
         if entry is None:
-            f = h5py.File(self._paths[shard], "r", **_H5_OPTIONS)
+            f = self._open_shard(shard, **_H5_OPTIONS)
             entry = self._open[shard] = (f, f["label"], f["image"] if self.with_image else None)
         return entry
 
@@ -198,9 +206,10 @@ class SliceDataset(Dataset):
         image = np.empty((len(idx), size, size), dtype=np.uint16) if self.with_image else None
         for j in np.lexsort((local, shard)):  # shard by shard, rows ascending: sequential within each file
             _, label_ds, image_ds = self._datasets(int(shard[j]))
-            label[j] = label_ds[local[j]]
-            if image is not None:
-                image[j] = image_ds[local[j]]
+            with reading(self._paths[shard[j]]):
+                label[j] = label_ds[local[j]]
+                if image is not None:
+                    image[j] = image_ds[local[j]]
         for s in np.unique(src):
             table = self._tables[s]
             if table is not None:
@@ -246,7 +255,7 @@ class SliceDataset(Dataset):
                 raise DatasetError(f"{source.store}: mask-only store has no image intensities")
         peak, total, count = 0, 0, 0
         for _, shard, rows in self._served_by_shard():
-            with h5py.File(self._paths[shard], "r") as f:
+            with self._open_shard(shard) as f, reading(self._paths[shard]):
                 for lo in range(int(rows[0]), int(rows[-1]) + 1, _STATS_BLOCK):
                     wanted = rows[(rows >= lo) & (rows < lo + _STATS_BLOCK)]
                     if wanted.size:

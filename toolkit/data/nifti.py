@@ -11,7 +11,9 @@ headers of the other modalities present are still checked for shape and affine.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +73,7 @@ class Volume:
 
 
 def discover(src: Path) -> list[Subject]:
-    """All subjects under ``src`` (any depth, e.g. HGG/ and LGG/ folders), sorted by name.
+    """All subjects under ``src`` (any depth, e.g. HGG/ and LGG/ folders, symlinked folders followed), sorted by name.
 
     Raises NiftiError when ``src`` does not exist or holds no subject.
     """
@@ -79,7 +81,7 @@ def discover(src: Path) -> list[Subject]:
     if not src.is_dir():
         raise NiftiError(src, "no such directory")
     found: dict[Path, dict[str, Path]] = {}
-    for path in sorted(src.rglob("*.nii*")):
+    for path in _nifti_files(src):
         match = _NIFTI.match(path.name)
         folder = path.parent.name
         if not match or not path.is_file():
@@ -98,6 +100,21 @@ def discover(src: Path) -> list[Subject]:
     if duplicates:
         raise NiftiError(src, f"subject names occur in more than one folder: {duplicates}")
     return sorted(subjects, key=lambda s: s.name)
+
+
+def _nifti_files(src: Path) -> Iterator[Path]:
+    """Every ``*.nii*`` file under ``src`` in sorted order, following symlinked folders (a cohort assembled from links
+    to subject folders elsewhere); each real folder is walked once, so a symlink loop, or two links to one folder,
+    neither hangs nor yields a subject twice."""
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(src, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        yield from (Path(root) / name for name in sorted(files) if _NIFTI.match(name))
 
 
 def _header(path: Path) -> nib.Nifti1Image:

@@ -1,6 +1,9 @@
 """`tumorsynth prepare`: a BraTS cohort of NIfTI volumes → a real store (sharded HDF5 + PNG export).
 
-Two resumable phases under the store folder:
+The run holds the store's lock (:class:`StoreWriter`) throughout and, before it writes anything, records the options
+that define the store's content with a fingerprint of the cohort (its subjects and their files): a resume with other
+ones, or a complete store asked for with other ones, is refused naming the option. Two resumable phases under the
+store folder:
 
 1. per subject (parallel over ``--workers``): validate, build the 7-class mask (tissue from FSL FAST output or the
    built-in FAST-like segmentation; tumour overrides tissue), slice axially, pad/resize, and save the slices as
@@ -9,12 +12,18 @@ Two resumable phases under the store folder:
    when their checksum holds), export PNGs (existing files are complete, since each is written atomically), and write
    the manifest last.
 
-A bad subject stops the run before any store is committed, and the partial folder is removed, unless ``skip_bad`` is
-set; then it is listed in the manifest. Killing the process at any point leaves a folder that the next run resumes.
+The work folder goes once the manifest is written. A bad subject stops the run before any store is committed, unless
+``skip_bad`` is set; then it is listed in the manifest. A fresh run stopped by a bad subject removes what it wrote; a
+resumed one keeps every finished subject and shard, so it resumes once the file is fixed. Killing the process at any
+point, or a full disk (one DiskError naming the file), leaves a folder that the next run resumes. A partial store
+begun by a tumorsynth older than the options record (``.work/options.json``) is not resumed: remove it and prepare
+again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import shutil
@@ -28,14 +37,15 @@ import numpy as np
 from tqdm import tqdm
 
 from toolkit import __version__
-from toolkit.atomic import atomic_open, remove_stale_temps, write_json
+from toolkit.atomic import write_bytes
 from toolkit.data.labels import compose_mask
 from toolkit.data.nifti import MODALITIES, NiftiError, Subject, discover, load_subject
 from toolkit.data.png import png_name, write_png
 from toolkit.data.slicing import axial_slices, to_uint16
 from toolkit.data.split import MODES, plan_split
-from toolkit.data.store import MANIFEST, Manifest, StoreWriter, shard_name
+from toolkit.data.store import OPTIONS, PROGRESS, Manifest, StoreWriter, complete, shard_name, tidy
 from toolkit.data.tissue import segment_tissue
+from toolkit.lock import LOCK, WriterLock
 from toolkit.parallel import parallel_map
 
 log = logging.getLogger(__name__)
@@ -82,7 +92,7 @@ class PrepareConfig:
         return 4 if self.tissue == "none" else 7
 
     def identity(self) -> dict[str, Any]:
-        """The options that define the store's content (compared on resume)."""
+        """The options that define the store's content (with the cohort's fingerprint, compared on resume)."""
         keys = ("size", "shard_size", "png", "split", "seed", "modality", "tissue")
         return {"src": str(Path(self.src).resolve()), **{k: getattr(self, k) for k in keys}}
 
@@ -102,38 +112,65 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     """Ingest ``config.src`` into the store ``config.out`` (see the module docstring)."""
     start = time.perf_counter()
     out = Path(config.out)
-    if (out / MANIFEST).exists():
-        shutil.rmtree(out / WORK, ignore_errors=True)  # left behind if a run was killed right after the manifest
-        return PrepareResult(out, None, resumed=False, already_complete=True, seconds=time.perf_counter() - start)
-    resumed = _claim(out, config)
     try:
         subjects = discover(Path(config.src))
-        ingested, skipped = _ingest_subjects(subjects, config, out / WORK)
     except NiftiError as err:
-        shutil.rmtree(out, ignore_errors=True)
         raise PrepareError(str(err)) from None
-    manifest = _write_store(ingested, skipped, config)
-    shutil.rmtree(out / WORK, ignore_errors=True)
-    return PrepareResult(out, manifest, resumed=resumed, already_complete=False, seconds=time.perf_counter() - start)
+    options = {**config.identity(), "cohort": cohort_fingerprint(subjects, Path(config.src))}
+    if complete(out, options) is not None:  # made with other options: OptionsChanged names them
+        if any((out / name).exists() for name in (WORK, PROGRESS, OPTIONS)):  # a kill right after the manifest
+            with WriterLock(out, "store"):
+                tidy(out, (WORK,))
+        return PrepareResult(out, None, resumed=False, already_complete=True, seconds=time.perf_counter() - start)
+    _refuse_foreign(out)
+    created = not out.exists()
+    writer = StoreWriter(out, classes=config.classes, options=options, scratch=(WORK,))
+    if writer.resumed:
+        log.info("%s: resuming an incomplete store", out)
+    try:
+        ingested, skipped = _ingest_subjects(subjects, config, out / WORK)
+        manifest = _write_store(writer, ingested, skipped, config)
+    except NiftiError as err:
+        if not writer.resumed:
+            _discard(out, created)
+        raise PrepareError(str(err)) from None
+    finally:
+        writer.close()
+    return PrepareResult(out, manifest, resumed=writer.resumed, already_complete=False,
+                         seconds=time.perf_counter() - start)
 
 
-def _claim(out: Path, config: PrepareConfig) -> bool:
-    """Create or resume the work folder; refuse a folder that is not ours or was started with other options."""
-    options_file = out / WORK / "options.json"
-    if out.exists() and any(out.iterdir()):
-        if not options_file.exists():
-            raise PrepareError(f"{out}: exists and is not an incomplete tumorsynth store; refusing to write into it")
-        previous = json.loads(options_file.read_text())
-        changed = {k: (previous.get(k), v) for k, v in config.identity().items() if previous.get(k) != v}
-        if changed:
-            detail = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
-            raise PrepareError(f"{out}: incomplete store was started with other options ({detail}); "
-                               "use the same options to resume, or remove the folder")
-        stale = remove_stale_temps(out)
-        log.info("%s: resuming an incomplete store (%d stale temporary files removed)", out, stale)
-        return True
-    write_json(options_file, config.identity())
-    return False
+def cohort_fingerprint(subjects: list[Subject], src: Path) -> str:
+    """``sha256:<hex>`` of the cohort's subjects and their files (paths under ``src``): a cohort that gained or lost
+    a subject or a volume since a store was begun would make another split. Contents are not hashed (that would read
+    every volume), so a file repaired in place after an error keeps the cohort, and its store resumable."""
+    entries = [[s.name, role, str(path.relative_to(src))] for s in subjects for role, path in sorted(s.files.items())]
+    return "sha256:" + hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def _refuse_foreign(out: Path) -> None:
+    """Refuse an output that is neither absent, empty, nor a store that this command began."""
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"{out}: exists and is not a folder; refusing to write into it")
+    entries = {entry.name for entry in out.iterdir()} - {LOCK} if out.exists() else set()
+    if not entries or OPTIONS in entries:
+        return
+    if (out / WORK / "options.json").exists():
+        raise PrepareError(f"{out}: incomplete store begun by an older tumorsynth (.work/options.json), which cannot "
+                           "be resumed; remove the folder and prepare again")
+    raise PrepareError(f"{out}: exists and is not an incomplete tumorsynth store; refusing to write into it")
+
+
+def _discard(out: Path, created: bool) -> None:
+    """Remove what a fresh run wrote: the folder if the run created it, else everything in it but the lock file."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for entry in out.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        elif entry.name != LOCK:
+            entry.unlink()
 
 
 def _ingest_subjects(subjects: list[Subject], config: PrepareConfig,
@@ -167,8 +204,11 @@ def _ingest_one(job: tuple[Subject, PrepareConfig, Path]) -> tuple[int, NiftiErr
         return 0, err
     for path, array in ((image_path, axial_slices(image, config.size, labels=False)),
                         (label_path, axial_slices(mask, config.size, labels=True, classes=config.classes))):
-        with atomic_open(path) as handle:
-            np.save(handle, array)
+        # Saved to memory, then written by Python: numpy writes a real file with C fwrite, and reports a full disk as a
+        # short write without errno, which could not be told from other errors.
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        write_bytes(path, buffer.getvalue())
     return int(image.shape[2]), None
 
 
@@ -195,15 +235,15 @@ def _subject_mask(subject: Subject, config: PrepareConfig) -> tuple[np.ndarray, 
     return image, compose_mask(seg, tissue)
 
 
-def _write_store(ingested: list[tuple[str, int]], skipped: list[dict[str, str]], config: PrepareConfig) -> Manifest:
-    """Phase 2: split, write shards, export PNGs, write the manifest."""
+def _write_store(writer: StoreWriter, ingested: list[tuple[str, int]], skipped: list[dict[str, str]],
+                 config: PrepareConfig) -> Manifest:
+    """Phase 2: split, write shards, export PNGs, write the manifest (which removes the work folder)."""
     out, work = Path(config.out), Path(config.out) / WORK
     names = [name for name, _ in ingested]
     depths = np.array([depth for _, depth in ingested])
     starts = np.concatenate([[0], np.cumsum(depths)[:-1]])
     images = [np.load(work / f"{n}.image.npy", mmap_mode="r") for n in names]
     labels = [np.load(work / f"{n}.label.npy", mmap_mode="r") for n in names]
-    writer = StoreWriter(out, classes=config.classes)
     shard_counts = {}
     for split, rows in plan_split(depths, config.split, config.seed).items():
         shard_counts[split] = -(-len(rows) // config.shard_size)
@@ -222,8 +262,7 @@ def _write_store(ingested: list[tuple[str, int]], skipped: list[dict[str, str]],
         list(parallel_map(export_png, [(out, f) for f in shard_files], config.workers, desc="png shards"))
     return writer.finish(
         kind="real", image_size=config.size, has_image=True, shard_counts=shard_counts, modality=config.modality,
-        skipped=tuple(skipped),
-        provenance={"tool": f"tumorsynth {__version__} prepare", "subjects": len(names), "options": config.identity()},
+        skipped=tuple(skipped), provenance={"tool": f"tumorsynth {__version__} prepare", "subjects": len(names)},
     )
 
 

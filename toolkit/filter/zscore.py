@@ -18,11 +18,21 @@ bit-identical statistics (merging per-rank partials in rank order would differ i
 hence identical norms and decisions. One pass: each rank scores its shards and writes each one's kept rows as the
 output shard of the same number (bounded memory, parallel writes, bytes independent of the rank count); rank 0 gathers
 the norms and shard infos and writes the CSV and ``dropped.png`` (examples of dropped masks with their norms, as the
-paper's Fig. 4), then the manifest, last. A killed filter leaves no manifest; run it again.
+paper's Fig. 4), then the manifest, last.
+
+One writer, one set of options: rank 0 takes the output store's lock (:class:`StoreWriter`, held on behalf of every
+rank from before the first shard until the manifest) and records the options that define the output — the real and
+synthetic stores' fingerprints, ``threshold``, ``reduced``, ``min_std``; if it cannot (another writer, other options),
+every rank raises at once. A killed filter leaves no manifest: run it again with the same options and it recomputes
+every shard (the CSV needs every row's norm anyway), each a pure function of the inputs and options, so the store is
+the same as an uninterrupted one; other options are refused naming them, and so is a complete store made with other
+options (one made with the same options is kept and its summary returned). The calibration folder likewise holds a
+lock while it is written and records its options in ``.calibration.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -31,18 +41,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
-from toolkit.atomic import write_bytes
+from toolkit import provenance
+from toolkit.atomic import remove_stale_temps, write_bytes
 from toolkit.data.labels import reduce_labels
-from toolkit.data.store import MANIFEST, ShardInfo, Store, StoreError, StoreWriter, shard_name, write_shard
-from toolkit.mpi import world
+from toolkit.data.store import (
+    Manifest,
+    ShardInfo,
+    Store,
+    StoreWriter,
+    complete,
+    open_shard,
+    reading,
+    shard_name,
+    write_shard,
+)
+from toolkit.lock import WriterLock
+from toolkit.mpi import from_root, world
 from toolkit.report.figures import row_grid, save_figure
 
 log = logging.getLogger(__name__)
 
 DROPPED = "dropped.png"  # examples of dropped masks, written beside zscore.csv
+CALIBRATION = ".calibration.json"  # the options a calibration folder was written with
+SUMMARY = ("kept", "dropped", "dropped_percent", "threshold")
 BLOCK = 256  # rows held in memory at a time: 256 × 256² float64 is 128 MiB
 MAX_REAL_DROP = 0.01  # calibration: the suggested threshold drops at most 1 % of real masks
 
@@ -88,11 +111,14 @@ class Moments:
         return Moments(self.count, self.mean, np.maximum(self.std, min_std) ** 2 * self.count)
 
 
-def _blocks(path: Path, stop: int, fields: tuple[str, ...]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Rows [0, stop) of one shard as (first row, arrays) in blocks of BLOCK rows."""
-    with h5py.File(path, "r") as f:
+def _blocks(path: Path, sha256: str, stop: int,
+            fields: tuple[str, ...]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Rows [0, stop) of one shard as (first row, arrays) in blocks of BLOCK rows; a corrupt shard is named."""
+    with open_shard(path, sha256) as f:
         for lo in range(0, stop, BLOCK):
-            yield lo, {name: f[name][lo:min(lo + BLOCK, stop)] for name in fields}
+            with reading(path):
+                block = {name: f[name][lo:min(lo + BLOCK, stop)] for name in fields}
+            yield lo, block
 
 
 def _spread(tasks: list[Any], work: Callable[[Any], Any], comm: Any, *, everywhere: bool) -> list[Any] | None:
@@ -114,12 +140,12 @@ def real_moments(store: Path, *, reduced: bool, size: int | None = None, comm: A
     tasks, offset = [], 0
     for info, path in real.shards("train"):
         if offset < limit:
-            tasks.append((path, min(info.n, limit - offset)))
+            tasks.append((path, info.sha256, min(info.n, limit - offset)))
         offset += info.n
 
     empty = Moments.of(np.zeros((0, size, size)))
 
-    def shard_moments(task: tuple[Path, int]) -> Moments:
+    def shard_moments(task: tuple[Path, str, int]) -> Moments:
         total = empty
         for _, block in _blocks(*task, ("label", "empty")):
             total = total.merge(Moments.of(reduce_labels(block["label"][~block["empty"]], size)))
@@ -179,15 +205,16 @@ def _score(store: Store, splits: tuple[str, ...], moments: Moments, comm: Any, *
     With ``keep``, each shard's rows with norm ≤ threshold are also written (by the rank that scored it) as the shard
     of the same split and number of ``keep.out``; its :class:`ShardInfo` (None when nothing was kept) comes back too.
     """
-    tasks = [(split, k, path, info.n) for split in splits for k, (info, path) in enumerate(store.shards(split))]
+    tasks = [(split, k, path, info.sha256, info.n)
+             for split in splits for k, (info, path) in enumerate(store.shards(split))]
     size = moments.mean.shape[-1]
     fields = ("label", "empty", "subject", "slice", *(keep.fields if keep else ()))
 
-    def work(task: tuple[str, int, Path, int]) -> dict[str, Any]:
-        split, k, path, n = task
+    def work(task: tuple[str, int, Path, str, int]) -> dict[str, Any]:
+        split, k, path, sha256, n = task
         parts: dict[str, list[Any]] = {"norm": [], "subject": [], "slice": []}
         kept: dict[str, list[np.ndarray]] = {name: [] for name in (keep.fields if keep else ())}
-        for _, block in _blocks(path, n, tuple(dict.fromkeys(fields))):
+        for _, block in _blocks(path, sha256, n, tuple(dict.fromkeys(fields))):
             rows = ~block["empty"] if drop_empty else np.ones(len(block["empty"]), bool)
             scores = norms(reduce_labels(block["label"][rows], size), moments)
             parts["norm"].append(scores)
@@ -217,24 +244,54 @@ def filter_store(real: Path, synthetic: Path, out: Path, *, threshold: float = 5
                  min_std: float = 0.0, comm: Any = None) -> dict[str, Any]:
     """Write the masks of ``synthetic`` whose norm is ≤ ``threshold`` to the store ``out`` plus ``out/zscore.csv``.
 
-    Collective over ``comm`` (default ``MPI.COMM_WORLD``); rank 0 writes and returns the summary, other ranks ``{}``.
+    A complete ``out`` made with the same options is kept (its summary comes back with ``already_complete``); one made
+    with other options raises OptionsChanged. Collective over ``comm`` (default ``MPI.COMM_WORLD``); rank 0 writes and
+    returns the summary, other ranks ``{}``.
     """
+    if not threshold >= 0:  # NaN too: every comparison with it fails, so it would silently drop every mask
+        raise ValueError(f"--threshold must be ≥ 0 (or inf to keep all), got {threshold}")
     comm = world(comm)
     out = Path(out)
-    if (out / MANIFEST).exists():  # checked on every rank, so that all of them stop
-        raise StoreError(f"{out}: store is already complete (manifest.json exists)")
     source = Store(synthetic)
     m = source.manifest
     real_size = Store(real).manifest.image_size
     if m.image_size > real_size:
         raise ValueError(f"{synthetic} is {m.image_size}², larger than the real masks of {real} ({real_size}²)")
+    options = {**_inputs(real, synthetic), "threshold": threshold, "reduced": reduced, "min_std": min_std}
+
+    def claim() -> Manifest | StoreWriter:
+        manifest = complete(out, options)
+        return manifest if manifest is not None else StoreWriter(out, classes=m.classes, options=options)
+
+    got = from_root(comm, claim)
+    if comm.bcast(isinstance(got, Manifest), root=0):
+        log.info("%s: store is already complete", out)
+        return {} if got is None else {**{k: got.provenance[k] for k in SUMMARY}, "already_complete": True,
+                                       **_outputs(out, comm)}
+    with got or contextlib.nullcontext():  # rank 0 gives the lock up on an error too
+        return _filter(real, source, out, got, threshold=threshold, reduced=reduced, min_std=min_std, comm=comm)
+
+
+def _inputs(real: Path, synthetic: Path) -> dict[str, str]:
+    """The fingerprints of the two input stores (each opened first, so that a missing one is a StoreError)."""
+    return {name: provenance.fingerprint(Store(path).root) for name, path in (("real", real), ("synthetic", synthetic))}
+
+
+def _outputs(out: Path, comm: Any) -> dict[str, Any]:
+    return {"ranks": comm.Get_size(), "csv": str(out / "zscore.csv"),
+            "figure": str(out / DROPPED) if (out / DROPPED).exists() else None}
+
+
+def _filter(real: Path, source: Store, out: Path, writer: StoreWriter | None, *, threshold: float, reduced: bool,
+            min_std: float, comm: Any) -> dict[str, Any]:
+    """The filter proper, once rank 0 holds ``writer`` (None on the other ranks)."""
+    m = source.manifest
     moments = real_moments(real, reduced=reduced, size=m.image_size, comm=comm).floored(min_std)
     splits = tuple(m.splits)
     fields = ("label", "subject", "slice", *(("image",) if m.has_image else ()))
     scored = _score(source, splits, moments, comm, keep=_Keep(out, threshold, fields, m.classes))
-    if scored is None:
+    if scored is None or writer is None:
         return {}
-    writer = StoreWriter(out, classes=m.classes)
     csv_rows, shard_counts = [], {}
     for split in splits:
         parts = [s for s in scored if s["split"] == split]
@@ -257,11 +314,10 @@ def filter_store(real: Path, synthetic: Path, out: Path, *, threshold: float = 5
     writer.finish(kind="synthetic", image_size=m.image_size, has_image=m.has_image, shard_counts=shard_counts,
                   reduced_fraction=m.reduced_fraction, modality=m.modality,
                   provenance={"filter": "zscore", "real": str(Path(real).resolve()),
-                              "synthetic": str(Path(synthetic).resolve()), "reduced": reduced, "min_std": min_std,
+                              "synthetic": str(source.root.resolve()), "reduced": reduced, "min_std": min_std,
                               "real_masks": moments.count, "source": m.provenance, **summary})
     log.info("zscore filter: kept %d, dropped %d (%.1f %%)", kept_total, total - kept_total, summary["dropped_percent"])
-    return {**summary, "ranks": comm.Get_size(), "csv": str(out / "zscore.csv"),
-            "figure": str(out / DROPPED) if (out / DROPPED).exists() else None}
+    return {**summary, **_outputs(out, comm)}
 
 
 def _dropped_grid(source: Store, dropped: list[tuple[str, int, float]], path: Path, columns: int = 8) -> None:
@@ -289,10 +345,36 @@ def calibrate(real: Path, synthetic: Path, out_dir: Path, *, thresholds: np.ndar
     statistics (training masks would be scored against themselves and look better than unseen real data). The
     suggested threshold is the smallest threshold of the grid at which at most 1 % of those real masks would be
     dropped (None if no threshold of the grid achieves it). Default grid: 401 evenly spaced values from 0 to the
-    largest finite norm seen (at least 1000). Writes ``out_dir/calibration.csv`` and ``out_dir/calibration.png``;
-    collective over ``comm``, rank 0 returns the summary, other ranks ``{}``.
+    largest finite norm seen (at least 1000). Writes ``out_dir/calibration.csv`` and ``out_dir/calibration.png``
+    under ``out_dir``'s lock, refusing a folder calibrated with other options; collective over ``comm``, rank 0 returns
+    the summary, other ranks ``{}``.
     """
     comm = world(comm)
+    out_dir = Path(out_dir)
+    options = {**_inputs(real, synthetic), "reduced": reduced, "min_std": min_std,
+               "thresholds": None if thresholds is None else [float(t) for t in np.asarray(thresholds).ravel()]}
+    lock = from_root(comm, lambda: _claim_calibration(out_dir, options))
+    try:
+        return _calibrate(real, synthetic, out_dir, thresholds=thresholds, reduced=reduced, min_std=min_std, comm=comm)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim_calibration(out_dir: Path, options: dict[str, Any]) -> WriterLock:
+    """Rank 0's lock on the calibration folder, its own stale temporary files removed and its options checked."""
+    lock = WriterLock(out_dir, "calibration").acquire()
+    try:
+        remove_stale_temps(out_dir, ("calibration.csv", "calibration.png", CALIBRATION))
+        provenance.claim(out_dir / CALIBRATION, options)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _calibrate(real: Path, synthetic: Path, out_dir: Path, *, thresholds: np.ndarray | None, reduced: bool,
+               min_std: float, comm: Any) -> dict[str, Any]:
     moments = real_moments(real, reduced=reduced, size=Store(synthetic).manifest.image_size, comm=comm).floored(min_std)
     synth = _score(Store(synthetic), tuple(Store(synthetic).manifest.splits), moments, comm)
     held_out = _score(Store(real), ("val",), moments, comm, drop_empty=True)
@@ -311,7 +393,6 @@ def calibrate(real: Path, synthetic: Path, out_dir: Path, *, thresholds: np.ndar
     synth_drop = 1.0 - np.searchsorted(np.sort(synth_norms), thresholds, side="right") / len(synth_norms)
     ok = np.flatnonzero(real_drop <= MAX_REAL_DROP)
     suggested = float(thresholds[ok[0]]) if len(ok) else None
-    out_dir = Path(out_dir)
     _write_csv(out_dir / "calibration.csv", ("threshold", "real_dropped", "synthetic_dropped"),
                [(repr(float(t)), repr(float(r)), repr(float(s))) for t, r, s in zip(thresholds, real_drop, synth_drop)])
     _plot(thresholds, real_drop, synth_drop, suggested, out_dir / "calibration.png")

@@ -45,10 +45,13 @@ def _normalised(weights: ArrayLike | None, classes: int) -> torch.Tensor:
 
 
 def dice_from_sums(intersection: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """Per-class Dice ``2 I / T`` from the sums, 1 where ``T = 0`` (class absent in both); differentiable."""
-    present = total > 0
-    return torch.where(present, 2 * intersection / torch.where(present, total, torch.ones_like(total)),
-                       torch.ones_like(total))
+    """Per-class Dice ``2 I / T`` from the sums, 1 where ``T = 0`` (class absent in both); differentiable.
+
+    A non-finite sum stays non-finite (``T == 0`` is false for NaN), so a diverged network shows as a NaN loss, which
+    stops the run, rather than as a perfect score."""
+    absent = total == 0
+    return torch.where(absent, torch.ones_like(total),
+                       2 * intersection / torch.where(absent, torch.ones_like(total), total))
 
 
 def label_sums(pred: ArrayLike, gt: ArrayLike, classes: int) -> tuple[torch.Tensor, torch.Tensor]:

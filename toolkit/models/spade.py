@@ -19,11 +19,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.config import PositiveInt, Range
 from toolkit.models.spectral_norm import spectral_norm
 
 UPSAMPLINGS = 5  # 'normal': the generator doubles its resolution five times
@@ -33,14 +35,14 @@ UPSAMPLINGS = 5  # 'normal': the generator doubles its resolution five times
 class SPADEConfig:
     """Network sizes; the defaults are the official ones (ngf = ndf = 64, 2 discriminators of 4 layers)."""
 
-    resolution: int = 256
-    label_nc: int = 7
-    out_channels: int = 1
-    ngf: int = 64
-    ndf: int = 64
-    hidden: int = 128
-    num_d: int = 2
-    n_layers_d: int = 4
+    resolution: Annotated[int, Range(ge=1 << UPSAMPLINGS)] = 256  # and a multiple of that: see __post_init__
+    label_nc: PositiveInt = 7
+    out_channels: PositiveInt = 1
+    ngf: PositiveInt = 64
+    ndf: PositiveInt = 64
+    hidden: PositiveInt = 128
+    num_d: PositiveInt = 2
+    n_layers_d: PositiveInt = 4
 
     def __post_init__(self) -> None:
         if self.resolution % (1 << UPSAMPLINGS):

@@ -6,6 +6,10 @@ the background: the state is copied to host memory at once (so training may go o
 thread writes it while the next steps run; the next save, and the end of the run, wait for it. Loading uses
 ``torch.load(weights_only=True)``: a checkpoint holds tensors and plain Python values only, never pickled objects, so
 RNG states of numpy and Python are converted to tensors and lists here.
+
+Resuming takes the newest checkpoint that loads (:meth:`Checkpoints.load_newest`): a file torn by a failing disk or a
+partial copy is skipped with a warning, and only ``ckpt-<step>.pt`` files of the folder itself are ever read, whatever
+the pointer says.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from toolkit.atomic import atomic_path, write_bytes
+from toolkit.train.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -112,20 +117,84 @@ class Checkpoints:
         for _, old in self._existing()[:-self.keep]:
             old.unlink(missing_ok=True)
 
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint: the pointer's target, else the highest-step file present."""
+    def _pointed(self) -> Path | None:
+        """The file the ``latest`` pointer names, when it names a ``ckpt-<step>.pt`` of this folder: a pointer holding
+        a path (``../x.pt``, ``/abs/x.pt``), another name or unreadable bytes is ignored with a warning."""
         pointer = self.folder / "latest"
-        if pointer.exists():
-            target = self.folder / pointer.read_text().strip()
-            if target.exists():
-                return target
-        existing = self._existing()
-        return existing[-1][1] if existing else None
+        if not pointer.is_file():
+            return None
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            log.warning("%s: unreadable (%s); ignoring the pointer", pointer, err)
+            return None
+        if not _NAME.match(name):
+            log.warning("%s: names %r, not a ckpt-<step>.pt file of %s; ignoring the pointer", pointer, name[:200],
+                        self.folder)
+            return None
+        return self.folder / name
+
+    def candidates(self) -> list[Path]:
+        """The checkpoints to resume from, in the order to try them: the pointer's target, then the others by step,
+        newest first. Symbolic links are left out: every checkpoint is a file written here, and a link may lead out of
+        the run directory."""
+        pointed = self._pointed()
+        found = [path for _, path in reversed(self._existing())]
+        if pointed in found:
+            found.remove(pointed)
+            found.insert(0, pointed)
+        links = [path for path in found if path.is_symlink()]
+        for link in links:
+            log.warning("%s: a symbolic link, not a checkpoint written here; ignoring it", link)
+        return [path for path in found if path not in links]
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint present (the first of :meth:`candidates`), loadable or not."""
+        found = self.candidates()
+        return found[0] if found else None
+
+    def load_newest(self, *, set_aside: bool = False) -> tuple[Path, dict[str, Any]] | None:
+        """The first of :meth:`candidates` that loads, with its state; None when there is no checkpoint.
+
+        Each file that does not load is skipped with a warning naming it and the error. With ``set_aside`` (the
+        run's writer), the skipped files are renamed ``<name>.unloadable`` once one has loaded: kept for inspection,
+        but out of the way of pruning, which keeps the K highest steps and would otherwise delete the run's new
+        checkpoints in favour of a torn one of a higher step. Checkpoints that exist but none of which loads raise
+        :class:`CheckpointError` naming each; they are left as they are (the error may be the file system's, and
+        starting over would silently throw the run's progress away).
+        """
+        failed: list[tuple[Path, str]] = []
+        for path in self.candidates():
+            try:
+                state = self.load(path)
+                if not isinstance(state, dict):
+                    raise TypeError(f"holds a {type(state).__name__}, not a training state")
+            except Exception as err:  # anything a torn, truncated or foreign file makes torch.load raise
+                reason = _first_line(err)
+                log.warning("%s: cannot load (%s); trying an older checkpoint", path, reason)
+                failed.append((path, reason))
+                continue
+            if set_aside:
+                for bad, _ in failed:
+                    bad.rename(bad.with_name(bad.name + ".unloadable"))
+                    log.warning("%s: set aside as %s.unloadable", bad, bad.name)
+            return path, state
+        if failed:
+            tried = "; ".join(f"{path.name}: {reason}" for path, reason in failed)
+            raise CheckpointError(f"{self.folder}: no checkpoint loads ({tried}); move the folder away to start "
+                                  "the run over")
+        return None
 
     @staticmethod
     def load(path: Path) -> dict[str, Any]:
         """Load a checkpoint onto the CPU, tensors and plain values only."""
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: first line of the message``: torch's load errors run over many lines."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def _to_host(value: Any) -> Any:

@@ -7,7 +7,8 @@ No globals, no print patching: rank-0 guards use ``dist.is_main``. This is the o
 
 - **ddp**: the rendezvous comes from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
   or, under ``srun``, from SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR defaults to the first
-  node of the job, MASTER_PORT to a port derived from the job id). Gloo on CPU, NCCL on GPU. ``wrap`` returns a
+  node of the job, MASTER_PORT to a port derived from the job and step ids: :func:`slurm_master_port`). Gloo on
+  CPU, NCCL on GPU. ``wrap`` returns a
   ``DistributedDataParallel`` module, which averages gradients during the backward pass.
 - **horovod**: ``hvd.init()`` finds its peers from ``mpirun``, ``srun --mpi=pmix`` or ``horovodrun --gloo``.
   ``wrap`` broadcasts rank 0's parameters and buffers (as DDP's constructor does) and returns the module itself;
@@ -26,7 +27,7 @@ import datetime
 import logging
 import os
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -187,6 +188,26 @@ def _slurm_master_addr() -> str:
     return hosts.stdout.split()[0]
 
 
+# MASTER_PORT under srun: PORT_BASE + (job id + PORT_STEP × step id) mod PORT_RANGE, i.e. 20000 … 32767, below
+# Linux's ephemeral ports (32768 and up), which outgoing connections take.
+PORT_BASE, PORT_RANGE, PORT_STEP = 20000, 12768, 797
+
+
+def slurm_master_port(env: Mapping[str, str] = os.environ) -> int:
+    """The rendezvous port of an srun step (``SLURM_JOB_ID``, ``SLURM_STEP_ID``): every task of the step computes
+    the same one, with no exchange before the process group exists.
+
+    Two steps running on one node at once share a port only if ``job_a − job_b ≡ 797 · (step_b − step_a)`` (mod
+    12768): never two steps of one job (797 is prime to 12768), steps with equal step ids of two jobs only if the job
+    ids differ by a multiple of 12768, and steps whose ids differ by 1 … 15 only if the job ids differ by at least
+    797 (797 maximises that distance). A clash, or a port some other program listens on, makes rank 0 of the later
+    step fail at once ("address already in use").
+    """
+    job = int(env.get("SLURM_JOB_ID", "0"))
+    step = int(env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0")))
+    return PORT_BASE + (job + PORT_STEP * step) % PORT_RANGE
+
+
 def _rendezvous() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's or SLURM's environment; sets MASTER_ADDR/PORT under SLURM."""
     env = os.environ
@@ -194,7 +215,7 @@ def _rendezvous() -> tuple[int, int, int]:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         env.setdefault("MASTER_ADDR", _slurm_master_addr())
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env.setdefault("MASTER_PORT", str(slurm_master_port(env)))
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
     raise RuntimeError("--dist ddp needs torchrun (RANK, WORLD_SIZE) or srun (SLURM_PROCID, SLURM_NTASKS) variables")
 

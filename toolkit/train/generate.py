@@ -7,10 +7,16 @@ outputs in [−1, 1] are mapped back to label values 0…6, rounded to the neare
 Run it plainly or under ``mpirun -n K`` / ``srun --mpi=pmix``: ranks take the shards round-robin, each on its own GPU
 (:func:`~toolkit.train.distributed.mpi_device`), and rank 0 finishes the store (:mod:`toolkit.train.ranks`); since
 shard k depends on k only, the store is byte-identical for any rank count.
+
+The store records what defines it (:mod:`toolkit.provenance`): ``n``, ``seed``, ``shard_size``, ``png``, the resolved
+snapshot file, its fingerprint and resolution. ``--snapshot best`` is resolved first, so a resume after `evaluate swd`
+moved the ``best`` pointer (or after the snapshot file changed) is refused naming ``snapshot``, as is a resume with
+another ``--n`` or ``--seed``, and a complete store made with other options is refused rather than reported complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,14 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from toolkit import provenance
 from toolkit.config import from_dict
 from toolkit.data.prepare import export_png
-from toolkit.data.store import MANIFEST, Manifest, Store, shard_name
+from toolkit.data.store import Manifest, shard_name
 from toolkit.models.pgan import Generator, PGANConfig
 from toolkit.mpi import world
 from toolkit.train.distributed import mpi_device
 from toolkit.train.pgan import to_labels
-from toolkit.train.ranks import write_shards
+from toolkit.train.ranks import open_store, write_shards
 from toolkit.train.sampling import epoch_seed
 
 log = logging.getLogger(__name__)
@@ -67,18 +74,22 @@ def generate_masks(run_dir: Path, n: int, out: Path, *, snapshot: str = "best", 
                    shard_size: int = 1024, batch: int = 64, device: str | None = None, png: bool = False,
                    comm: Any = None) -> Manifest | None:
     """Write ``n`` generated masks as the train split of the synthetic store ``out`` (optionally with a PNG export);
-    a complete store is kept as it is. Collective over ``comm`` (default ``MPI.COMM_WORLD``); rank 0 returns the
-    manifest, other ranks None."""
+    a complete store made with the same options is kept as it is (with other ones: OptionsChanged). Collective over
+    ``comm`` (default ``MPI.COMM_WORLD``); rank 0 returns the manifest, other ranks None."""
     comm = world(comm)
     out = Path(out)
-    if (out / MANIFEST).exists():  # checked on every rank, so that all of them stop
-        log.info("%s: store is already complete", out)
-        return Store(out).manifest if comm.Get_rank() == 0 else None
     if n < 1:
         raise ValueError(f"--n must be ≥ 1, got {n}")
     path = snapshot_path(run_dir, snapshot)
+    fingerprint = provenance.fingerprint(path)  # on every rank: open_store refuses ranks that loaded other files
     generator, meta = load_generator(path, mpi_device(comm, device))
     latent, lod = generator.config.latent, float(meta["lod"])
+    options = {"n": n, "seed": seed, "shard_size": shard_size, "png": png, "snapshot": path.name,
+               "snapshot_fingerprint": fingerprint, "resolution": generator.config.resolution}
+    complete, writer = open_store(out, 7, options, comm)
+    if complete:
+        log.info("%s: store is already complete", out)
+        return writer  # rank 0: the manifest; other ranks None
     shards = -(-n // shard_size)
 
     def make(split: str, k: int) -> dict[str, Any]:
@@ -88,14 +99,15 @@ def generate_masks(run_dir: Path, n: int, out: Path, *, snapshot: str = "best", 
         return {"label": generate_labels(generator, lod, z, batch),
                 "subject": [f"{path.stem}-{first + i:07d}" for i in range(rows)], "slice_index": np.full(rows, -1)}
 
-    writer = write_shards(out, 7, [("train", k) for k in range(shards)], make, comm)
-    if writer is None:
-        return None
-    if png:
-        for k in range(shards):
-            export_png((out, out / shard_name("train", k)))
-    return writer.finish(kind="synthetic", image_size=generator.config.resolution, has_image=False,
-                         shard_counts={"train": shards},
-                         provenance={"generator_run": str(Path(run_dir).resolve()), "snapshot": path.name,
-                                     "tick": meta.get("tick"), "kimg": meta.get("kimg"), "seed": seed, "n": n,
-                                     "source_store": meta.get("store")})
+    with writer or contextlib.nullcontext():  # rank 0 gives the lock up on an error too (the store stays resumable)
+        writer = write_shards(writer, out, 7, [("train", k) for k in range(shards)], make, comm)
+        if writer is None:
+            return None
+        if png:
+            for k in range(shards):
+                export_png((out, out / shard_name("train", k)))
+        return writer.finish(kind="synthetic", image_size=generator.config.resolution, has_image=False,
+                             shard_counts={"train": shards},
+                             provenance={"generator_run": str(Path(run_dir).resolve()), "snapshot": path.name,
+                                         "tick": meta.get("tick"), "kimg": meta.get("kimg"), "seed": seed, "n": n,
+                                         "source_store": meta.get("store")})

@@ -8,6 +8,11 @@ the data for the U-Net and SPADE, a tick for the PGAN.
 
 Resume is bit-identical on CPU because the task's batch order is a pure function of (seed, epoch) and the checkpoint
 holds the task state, the position (epoch, batch, step), the best value so far and every RNG state.
+
+A diverged run must not overwrite its good checkpoints: :class:`FiniteWatch` keeps, on the device, whether every value
+``train_step`` returned was finite, and the loop reads it where it synchronises anyway (log steps of a single process,
+the ranks' votes) and before every save, ``best.pt`` and end-of-epoch evaluation, stopping with
+:class:`~toolkit.train.errors.DivergedError` instead of saving.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import torch
 from tqdm import tqdm
 
 from toolkit.atomic import write_bytes, write_json
+from toolkit.config import NonNegativeFloat, NonNegativeInt, PositiveInt
 from toolkit.train.checkpoint import Checkpoints, rng_state, set_rng_state
 from toolkit.train.distributed import Dist
+from toolkit.train.errors import DivergedError
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +76,17 @@ class Task(Protocol):
 class LoopConfig:
     """Length of the run and when to checkpoint and log."""
 
-    epochs: int = 150
-    checkpoint_every_steps: int = 0
-    checkpoint_every_minutes: float = 30.0
+    epochs: PositiveInt = 150
+    checkpoint_every_steps: NonNegativeInt = 0  # 0: no step cadence
+    checkpoint_every_minutes: NonNegativeFloat = 30.0  # 0: no time cadence
     # a checkpoint at every epoch's end: "auto" does on CPU; on a GPU, where an epoch may take seconds, only the
     # steps/minutes cadence (and a stop request) saves
     epoch_checkpoints: Literal["auto", "always", "never"] = "auto"
-    keep_checkpoints: int = 3
-    log_every_steps: int = 10
+    keep_checkpoints: PositiveInt = 3
+    log_every_steps: PositiveInt = 10
     # multi-process runs agree on stop requests and minutes-due saves every this many steps (a collective and a host
     # sync each time; single-process runs check every step, for free)
-    agree_every_steps: int = 10
+    agree_every_steps: PositiveInt = 10
 
 
 @dataclass
@@ -167,14 +174,56 @@ def write_json_lines(path: Path, lines: list[str]) -> None:
     write_bytes(path, "".join(line + "\n" for line in lines).encode())
 
 
-def _agree(dist: Dist, *flags: bool) -> list[bool]:
+class FiniteWatch:
+    """Whether the values ``train_step`` returned were all finite, kept without a host sync: per key, on the device,
+    the first step whose value was not (−1 while none was). A few tensor ops per step; read only where the loop
+    synchronises anyway."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, torch.Tensor] = {}  # key -> int64 scalar on the value's device
+        self.host: dict[str, int] = {}  # plain-number values, checked at once (no device involved)
+
+    def observe(self, step: int, values: dict[str, torch.Tensor | float]) -> None:
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                if not math.isfinite(value):
+                    self.host.setdefault(key, step)
+                continue
+            finite = torch.isfinite(value.detach()).all()
+            first = self.first.get(key)
+            if first is None:
+                first = torch.full((), -1, dtype=torch.int64, device=value.device)
+            self.first[key] = torch.where(finite | (first >= 0), first, step)
+
+    def flag(self) -> torch.Tensor | bool:
+        """True once any value was not finite: a device tensor (reading it is the sync), or a bool without one."""
+        if self.host or not self.first:
+            return bool(self.host)
+        return torch.stack([first >= 0 for first in self.first.values()]).any()
+
+    def error(self, run_dir: Path, step: int) -> DivergedError:
+        """The error to stop with at ``step``, naming the first value that was not finite (a host sync)."""
+        bad = {**self.host, **{key: int(first) for key, first in self.first.items() if int(first) >= 0}}
+        if not bad:
+            return DivergedError(f"{run_dir}: another rank's training values were not finite (found at step {step}); "
+                                 "stopped before saving")
+        key = min(bad, key=bad.get)
+        return DivergedError(f"{run_dir}: training diverged: {key} was not finite at step {bad[key]} (found at step "
+                             f"{step}); stopped before saving, the checkpoints are the last good ones (lower the "
+                             "learning rate, or look at the data, before resuming)")
+
+
+def _agree(dist: Dist, *flags: bool | torch.Tensor) -> list[bool]:
     """Each flag true on any rank becomes true on all ranks, so that every rank saves or stops at the same step.
 
-    The votes travel in a tensor on the run's device: NCCL has no CPU tensors.
+    The votes travel in a tensor on the run's device: NCCL has no CPU tensors. A flag may be a device tensor (the
+    divergence flag), read with the others in one host sync.
     """
-    if not dist.active:
-        return list(flags)
-    votes = dist.all_reduce_sum(torch.tensor([float(f) for f in flags], device=dist.device))
+    if not dist.active and not any(isinstance(f, torch.Tensor) for f in flags):
+        return [bool(f) for f in flags]
+    votes = torch.stack([f.to(dist.device, torch.float32).reshape(()) if isinstance(f, torch.Tensor)
+                         else torch.tensor(float(f), device=dist.device) for f in flags])
+    votes = dist.all_reduce_sum(votes)
     return [bool(v > 0) for v in votes.tolist()]
 
 
@@ -187,9 +236,9 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, dist: Dist, *, config: dict[
         return LoopResult("done", json.loads((run_dir / "DONE").read_text()), None)
     checkpoints = Checkpoints(run_dir, cfg.keep_checkpoints)
     progress, resumed = Progress(), None
-    latest = checkpoints.latest()
-    if latest is not None:
-        state = checkpoints.load(latest)
+    newest = checkpoints.load_newest(set_aside=dist.is_main)
+    if newest is not None:
+        latest, state = newest
         task.load_state_dict(state["task"])
         progress = Progress(**state["progress"])
         set_rng_state(state["rng"])
@@ -207,6 +256,13 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, dist: Dist, *, config: dict[
             if wait:
                 checkpoints.wait()
 
+    watch = FiniteWatch()
+
+    def diverged() -> bool:
+        """Whether any rank's values were not finite: a host sync, and under DDP/Horovod a collective that every
+        rank makes at the same step."""
+        return _agree(dist, watch.flag())[0]
+
     last_save = time.monotonic()
     try:
         while progress.epoch < cfg.epochs:
@@ -216,23 +272,34 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, dist: Dist, *, config: dict[
                 values = task.train_step(batch)
                 progress.step += 1
                 progress.batch += 1
-                if progress.step % cfg.log_every_steps == 0:
+                watch.observe(progress.step, values)
+                logged = progress.step % cfg.log_every_steps == 0
+                if logged:
                     metrics.write(progress.step, progress.epoch, values)
                 every, minutes = cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes
                 due = every > 0 and progress.step % every == 0  # the same step on every rank
+                bad, voted = False, False
                 if not dist.active or progress.step % cfg.agree_every_steps == 0:
-                    # a signal or the clock may differ between ranks: they vote
+                    # a signal, the clock or a rank's own values may differ between ranks: they vote (a single
+                    # process reads its divergence flag below, only where it syncs anyway)
                     late = minutes > 0 and time.monotonic() - last_save > 60 * minutes
-                    stop_now, late = _agree(dist, stop is not None and stop.requested, late)
-                    due = due or late
+                    stop_now, late, bad = _agree(dist, stop is not None and stop.requested, late,
+                                                 watch.flag() if dist.active else False)
+                    due, voted = due or late, dist.active
                 else:
                     stop_now = False
+                if not voted and (due or stop_now or (logged and not dist.active)):
+                    bad = diverged()  # before any save; a single process also on its log steps
+                if bad:
+                    raise watch.error(run_dir, progress.step)
                 if due or stop_now:
                     save(wait=stop_now)
                     last_save = time.monotonic()
                 if stop_now:
                     return LoopResult("preempted", {"step": progress.step, "epoch": progress.epoch,
                                                     "signal": stop.signum if stop else None}, resumed)
+            if diverged():  # before evaluation, which may write files of its own, best.pt and the epoch's save
+                raise watch.error(run_dir, progress.step)
             values = task.evaluate(progress.epoch)
             if values.get("val_loss", math.inf) < progress.best:
                 progress.best = values["val_loss"]

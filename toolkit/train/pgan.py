@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from toolkit.atomic import atomic_path
-from toolkit.config import to_dict
+from toolkit.config import Decay, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, to_dict
 from toolkit.data.dataset import SliceDataset, Source
 from toolkit.models.pgan import Discriminator, Generator, PGANConfig, blend_reals
 from toolkit.report.figures import sample_grid
@@ -59,13 +59,13 @@ class PGANDataConfig:
 
 @dataclass(frozen=True)
 class PGANOptimConfig:
-    lr: float = 1e-3
-    beta1: float = 0.0
-    beta2: float = 0.99
-    eps: float = 1e-8
-    gp_lambda: float = 10.0
-    drift: float = 1e-3
-    ema: float = 0.999
+    lr: PositiveFloat = 1e-3
+    beta1: Decay = 0.0
+    beta2: Decay = 0.99
+    eps: PositiveFloat = 1e-8
+    gp_lambda: NonNegativeFloat = 10.0
+    drift: NonNegativeFloat = 1e-3
+    ema: Decay = 0.999  # 0: G_ema is G
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,12 @@ class PGANRunConfig:
     optim: PGANOptimConfig = field(default_factory=PGANOptimConfig)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(checkpoint_every_minutes=15.0))
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    samples: int = 16
-    seed: int = 0
+    samples: PositiveInt = 16
+    seed: NonNegativeInt = 0
+
+    def input_stores(self) -> dict[str, Path]:
+        """The stores this run reads, by config key (their fingerprints are recorded in the run directory)."""
+        return {"data.store": self.data.store}
 
 
 def to_unit(labels: torch.Tensor) -> torch.Tensor:

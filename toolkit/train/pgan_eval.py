@@ -6,6 +6,19 @@ descriptors once and caches them in the run, ranks take the unscored snapshots r
 writes ``swd.csv`` (atomically), ``swd.png`` (SWD versus tick) and the pointer ``snapshots/best`` (lowest average SWD).
 A re-run scores only snapshots missing from ``swd.csv``.
 
+Rows are compared only with rows made the same way: ``RUN/swd/options.json`` records, before the first row, what
+defines them — ``--images``, ``--seed``, the real store's fingerprint (``--real``, or the store the PGAN trained on)
+and the metric's parameters. A re-run with other ones is refused naming them, and ``swd.csv``, ``swd.png`` and
+``snapshots/best`` stay untouched (to score another way, move ``swd.csv`` and ``swd/`` away first); so is a
+``swd.csv`` without that record (rows of unknown options).
+
+One evaluator per run: rank 0 holds the lock of ``RUN/swd/`` (not of ``RUN``, which is the trainer's) for the whole
+evaluation, and removes the temporary files a killed evaluation left (its own only: ``RUN`` is shared with the
+trainer). A PGAN run that is still training (``RUN``'s lock held) is refused at once: its snapshot set is still
+growing, so ``best`` would be a best-so-far that a later evaluation moves under a running ``generate masks``, and a
+trainer restarting meanwhile removes every temporary file in ``RUN``, the evaluation's in-flight ones included.
+When rank 0 cannot start (held, changed options), every rank raises at once (:func:`toolkit.mpi.from_root`).
+
 Protocol (official): as many generated as real images (16,384 by default, fewer when the store has fewer non-empty
 masks), both as label maps 0…6 at the generator's resolution; reals reduced to it as in training (box average in
 [−1, 1], then rounded to the nearest class).
@@ -16,14 +29,18 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from toolkit.atomic import write_bytes
+from toolkit import provenance
+from toolkit.atomic import remove_stale_temps, write_bytes
 from toolkit.data.dataset import SliceDataset, Source
+from toolkit.data.store import Store
+from toolkit.lock import LockedError, WriterLock, describe, holder
 from toolkit.metrics.swd import (
     SWDConfig,
     cache_meta,
@@ -32,13 +49,17 @@ from toolkit.metrics.swd import (
     save_descriptors,
     swd_from_descriptors,
 )
-from toolkit.mpi import world
+from toolkit.mpi import from_root, world
 from toolkit.report.figures import curve
 from toolkit.train.distributed import mpi_device
 from toolkit.train.generate import generate_labels, load_generator
 from toolkit.train.pgan import reals_at, to_labels
 
 log = logging.getLogger(__name__)
+
+EVAL = "swd"  # RUN/swd/: the evaluation's lock and options record
+OPTIONS = "options.json"
+TABLE, FIGURE, CACHE, BEST = "swd.csv", "swd.png", "swd-real.pt", "best"  # RUN/swd.*, RUN/snapshots/best
 
 
 def real_masks(store: Path, n: int, resolution: int) -> np.ndarray:
@@ -67,30 +88,73 @@ def _score(snapshot: Path, real_desc: list[torch.Tensor], n: int, seed: int, dev
             **{f"swd_{res}": v for res, v in result["swd_x1e3"].items()}, "swd_avg": result["swd_x1e3_avg"]}
 
 
+@dataclass(frozen=True)
+class _Claim:
+    """What rank 0 holds and learnt while claiming the evaluation."""
+
+    lock: WriterLock
+    snapshots: list[Path]
+    store: Path
+    fingerprint: str
+    resolution: int
+
+
 def evaluate_snapshots(run_dir: Path, *, real: Path | None = None, images: int = 16384, seed: int = 0,
                        device: str | None = None) -> dict[str, Any]:
     """Score every unscored snapshot of ``run_dir`` (collectively over MPI ranks); rank 0 returns the summary."""
     comm = world()
-    rank, size = comm.Get_rank(), comm.Get_size()
     run_dir = Path(run_dir)
+    dev = mpi_device(comm, device)
+    claim = from_root(comm, lambda: _claim(run_dir, real, images, seed))
+    try:
+        return _evaluate(run_dir, claim, images, seed, dev, comm)
+    finally:
+        if claim is not None:
+            claim.lock.release()
+
+
+def _claim(run_dir: Path, real: Path | None, images: int, seed: int) -> _Claim:
+    """Rank 0: refuse a run in training, take the evaluation's lock, remove its stale temporary files, check the
+    options its rows were made with."""
     snapshots = sorted((run_dir / "snapshots").glob("tick-*.pt"))
     if not snapshots:
         raise FileNotFoundError(f"{run_dir / 'snapshots'}: no tick snapshots to evaluate")
-    dev = mpi_device(comm, device)
-    scored = _read_scores(run_dir / "swd.csv")
-    todo = [s for s in snapshots if s.stem not in scored]
-    cache = run_dir / "swd-real.pt"
-    if rank == 0 and todo:
-        _, meta = load_generator(snapshots[0], torch.device("cpu"))
-        store = Path(real or meta["store"])
-        resolution = torch.load(snapshots[0], weights_only=True)["model"]["resolution"]
-        masks = real_masks(store, images, resolution)
-        wanted = cache_meta(SWDConfig(), seed, len(masks), f"{store.resolve()}@{resolution}")
+    if (trainer := holder(run_dir)) is not None:
+        raise LockedError(f"{run_dir}: this PGAN run is still being trained by {describe(trainer)}; evaluate its "
+                          "snapshots once the training has stopped")
+    lock = WriterLock(run_dir / EVAL, "SWD evaluation").acquire()
+    try:
+        first = torch.load(snapshots[0], map_location="cpu", weights_only=True)
+        store = Path(real or first["store"])
+        fingerprint = provenance.fingerprint(Store(store).root)
+        options = {"images": images, "seed": seed, "real": fingerprint, "swd": asdict(SWDConfig())}
+        record, table = run_dir / EVAL / OPTIONS, run_dir / TABLE
+        if table.exists() and not record.exists():
+            raise provenance.OptionsChanged(f"{table}: rows of unknown options (no {record}); move it away to score "
+                                            "the snapshots again")
         try:
-            load_descriptors(cache, wanted)
-        except (FileNotFoundError, ValueError):
-            save_descriptors(cache, descriptors(masks, SWDConfig(), seed, dev), wanted)
-    comm.Barrier()
+            provenance.claim(record, options)
+        except provenance.OptionsChanged as err:
+            raise provenance.OptionsChanged(f"{err}. Rows made another way are never compared with new ones: to score "
+                                            f"with these options, move {table} and {run_dir / EVAL} away") from None
+        removed = (remove_stale_temps(run_dir, (TABLE, FIGURE, CACHE)) + remove_stale_temps(run_dir / EVAL)
+                   + remove_stale_temps(run_dir / "snapshots", (BEST,)))
+        if removed:
+            log.info("%s: removed %d temporary files of a killed evaluation", run_dir, removed)
+        return _Claim(lock, snapshots, store, fingerprint, int(first["model"]["resolution"]))
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _evaluate(run_dir: Path, claim: _Claim | None, images: int, seed: int, dev: torch.device,
+              comm: Any) -> dict[str, Any]:
+    rank, size = comm.Get_rank(), comm.Get_size()
+    scored = _read_scores(run_dir / TABLE) if claim else {}
+    todo = comm.bcast([s for s in claim.snapshots if s.stem not in scored] if claim else None, root=0)
+    cache = run_dir / CACHE
+    if todo:  # rank 0 caches the real set's descriptors; an error there stops every rank
+        from_root(comm, lambda: _cache_real(claim, cache, images, seed, dev))
     rows = []
     if todo:
         real_desc = load_descriptors(cache)
@@ -102,13 +166,24 @@ def evaluate_snapshots(run_dir: Path, *, real: Path | None = None, images: int =
     for part in gathered:
         scored.update({row["snapshot"]: row for row in part})
     table = sorted(scored.values(), key=lambda r: int(r["tick"]))
-    _write_csv(run_dir / "swd.csv", table)
+    _write_csv(run_dir / TABLE, table)
     best = min(table, key=lambda r: float(r["swd_avg"]))
-    write_bytes(run_dir / "snapshots" / "best", f"{best['snapshot']}\n".encode())
-    curve([int(r["tick"]) for r in table], [float(r["swd_avg"]) for r in table], run_dir / "swd.png",
+    write_bytes(run_dir / "snapshots" / BEST, f"{best['snapshot']}\n".encode())
+    curve([int(r["tick"]) for r in table], [float(r["swd_avg"]) for r in table], run_dir / FIGURE,
           xlabel="tick", ylabel="SWD ×1e3 (avg over levels)", mark=int(best["tick"]))
     return {"snapshots": len(table), "scored_now": sum(len(p) for p in gathered), "ranks": size,
             "best": best["snapshot"], "best_swd_avg": float(best["swd_avg"])}
+
+
+def _cache_real(claim: _Claim, cache: Path, images: int, seed: int, dev: torch.device) -> None:
+    """Rank 0: the real set's descriptors in ``cache``, unless it already holds them (same source and protocol)."""
+    masks = real_masks(claim.store, images, claim.resolution)
+    wanted = cache_meta(SWDConfig(), seed, len(masks),
+                        f"{claim.store.resolve()}@{claim.resolution} ({claim.fingerprint})")
+    try:
+        load_descriptors(cache, wanted)
+    except (FileNotFoundError, ValueError):
+        save_descriptors(cache, descriptors(masks, SWDConfig(), seed, dev), wanted)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -12,6 +12,12 @@ re-verifies each shard's checksum against the file on disk, records it in its ow
 once before any rank starts (records of a killed run, whatever its rank count) and once after the final barrier.
 Between the two adoptions the rank files are written by their ranks only. Shard files themselves are written
 atomically (temporary sibling, rename), so a kill never leaves a torn shard behind.
+
+One writer, one set of options: :func:`open_store` has rank 0 take the store's lock (held by its
+:class:`StoreWriter` for the whole run, on behalf of every rank) and check the options and input fingerprints the
+store records, after checking that every rank computed the same ones (each rank loaded its inputs itself). When rank
+0 cannot open the store (another writer holds it, other options), every rank raises that error at once
+(:func:`toolkit.mpi.from_root`) instead of waiting in a collective for a rank that has given up.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from toolkit.data.store import ShardInfo, StoreWriter, sha256_file, shard_name, write_shard
+from toolkit.data.store import Manifest, ShardInfo, StoreWriter, complete, sha256_file, shard_name, write_shard
+from toolkit.mpi import from_root
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +42,41 @@ RANK_LOG = ".progress-rank-{rank}.jsonl"
 Shard = tuple[str, int]  # (split, index)
 
 
-def write_shards(out: Path, classes: int, shards: Sequence[Shard], make: Callable[[str, int], dict[str, Any]],
-                 comm: Any) -> StoreWriter | None:
+def open_store(out: Path, classes: int, options: dict[str, Any],
+               comm: Any) -> tuple[bool, Manifest | StoreWriter | None]:
+    """Open the store ``out`` for writing with ``options``; collective over ``comm``.
+
+    Returns ``(complete, got)`` on every rank: ``complete`` is True when the store is already complete with these
+    options (``got`` is then its manifest on rank 0), else ``got`` is rank 0's :class:`StoreWriter` (holding the
+    store's lock); other ranks get None. Raises on every rank when the ranks disagree on ``options``, a complete store
+    was made with other ones, another writer holds the store, or a partial one was started with other options.
+    """
+    gathered = comm.allgather(options)  # the same check on every rank, so that all of them stop or none
+    first = gathered[0]
+    differ = sorted({key for theirs in gathered for key in {*theirs, *first} if theirs.get(key) != first.get(key)})
+    if differ:
+        raise ValueError(f"{out}: the ranks loaded different inputs ({', '.join(differ)} differ between ranks); did "
+                         "one change while they loaded it?")
+
+    def claim() -> Manifest | StoreWriter:
+        manifest = complete(out, options)
+        return manifest if manifest is not None else StoreWriter(out, classes=classes, options=options)
+
+    got = from_root(comm, claim)
+    done = comm.bcast(isinstance(got, Manifest), root=0)
+    return done, got
+
+
+def write_shards(writer: StoreWriter | None, out: Path, classes: int, shards: Sequence[Shard],
+                 make: Callable[[str, int], dict[str, Any]], comm: Any) -> StoreWriter | None:
     """Write every shard of ``shards`` not finished earlier; collective over ``comm``.
 
-    Shard i is computed on rank i % size by ``make(split, index)``, which returns :func:`write_shard`'s keyword
-    arguments. Returns, after a barrier, rank 0's writer with every shard recorded, ready for
-    :meth:`StoreWriter.finish`; other ranks get None.
+    ``writer`` is rank 0's, from :func:`open_store` (None on the other ranks). Shard i is computed on rank i % size by
+    ``make(split, index)``, which returns :func:`write_shard`'s keyword arguments. Returns, after a barrier, rank 0's
+    writer with every shard recorded, ready for :meth:`StoreWriter.finish`; other ranks get None.
     """
     rank, size = comm.Get_rank(), comm.Get_size()
-    writer = None
-    if rank == 0:
-        writer = StoreWriter(out, classes=classes)
+    if writer:
         _adopt(writer)
     finished = comm.bcast({s for s in shards if writer.done(*s)} if writer else None, root=0)
     mine = [s for i, s in enumerate(shards) if i % size == rank and s not in finished]

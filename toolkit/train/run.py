@@ -1,15 +1,23 @@
 """Starting a training run: config → run directory → distributed set-up → the shared loop. Used by the CLI and jobs.
 
 A run directory holds the resolved ``config.yaml``; starting a run again with the same config resumes it from its
-newest complete checkpoint, and with a different config is refused (naming the keys that differ).
+newest complete checkpoint, and with a different config is refused (naming the keys that differ). ``inputs.json``
+holds the fingerprints of the stores the run reads (:mod:`toolkit.provenance`), recorded at the first start: resuming
+against a store rebuilt or modified since is refused, naming the store.
+
+One writer per run directory: the main rank holds its :class:`~toolkit.lock.WriterLock` for the run's whole lifetime,
+so a second launcher (a requeued job whose old attempt still runs, a user starting the same command twice) stops at
+once naming the holder, and touches nothing. Temporary files a killed writer left are removed only under the lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import logging
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +25,11 @@ import torch
 import yaml
 
 from toolkit import config as configs
+from toolkit import provenance
+from toolkit.atomic import remove_stale_temps
+from toolkit.lock import WriterLock
 from toolkit.train import distributed
+from toolkit.train.errors import ClaimError
 from toolkit.train.loop import LoopResult, StopRequest, run
 
 log = logging.getLogger(__name__)
@@ -52,6 +64,53 @@ def _claim_run_dir(run_dir: Path, cfg: Any) -> None:
     configs.dump(cfg, saved)
 
 
+INPUTS = "inputs.json"
+
+
+def _claim_inputs(run_dir: Path, cfg: Any) -> None:
+    """Record the fingerprints of the stores ``cfg`` reads at the first start; refuse a start against other ones."""
+    inputs = {}
+    for key, store in cfg.input_stores().items():
+        try:
+            inputs[key] = {"store": str(store), "fingerprint": provenance.fingerprint(store)}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{store}: no store here (no manifest.json), named by {key}") from None
+    try:
+        provenance.claim(run_dir / INPUTS, inputs)
+    except provenance.OptionsChanged as err:
+        raise provenance.OptionsChanged(f"{err} (an input store was rebuilt or modified since the run started)"
+                                        ) from None
+
+
+@contextlib.contextmanager
+def _claimed(run_dir: Path, cfg: Any, dist: distributed.Dist) -> Iterator[None]:
+    """Hold ``run_dir`` for the run: the main rank takes its lock, checks or records the config and the inputs, and
+    removes stale temporary files; every rank learns the outcome from one collective, so none waits for a main
+    rank that gave up."""
+    lock = WriterLock(run_dir, "run directory")
+    error: Exception | None = None
+    if dist.is_main:
+        try:
+            lock.acquire()
+            _claim_run_dir(run_dir, cfg)
+            _claim_inputs(run_dir, cfg)
+            if removed := remove_stale_temps(run_dir):
+                log.info("%s: removed %d temporary files a killed writer left", run_dir, removed)
+        except Exception as exc:  # re-raised below, once the other ranks know
+            lock.release()
+            error = exc
+    failed = dist.all_reduce_sum(torch.tensor([float(error is not None)], device=dist.device))
+    if error is not None:
+        raise error
+    if float(failed[0]) > 0:
+        raise ClaimError(f"{run_dir}: rank 0 could not claim the run directory (its error says why); rank "
+                         f"{dist.rank} stops too")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def train(model: str, config_path: Path, overrides: tuple[str, ...] = (), run_dir: Path | None = None,
           backend: str = "none") -> LoopResult:
     """Train ``model`` as configured; resumes when ``run_dir`` already holds a run of the same config."""
@@ -76,9 +135,7 @@ def train(model: str, config_path: Path, overrides: tuple[str, ...] = (), run_di
 def _train(task_cls: type, cfg: Any, run_dir: Path, dist: distributed.Dist) -> LoopResult:
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
-    if dist.is_main:
-        _claim_run_dir(run_dir, cfg)
-    dist.barrier()
-    stop = StopRequest()
-    task = task_cls(cfg, dist, run_dir)
-    return run(task, task.loop_config(), run_dir, dist, config=configs.to_dict(cfg), stop=stop)
+    with _claimed(run_dir, cfg, dist):
+        stop = StopRequest()
+        task = task_cls(cfg, dist, run_dir)
+        return run(task, task.loop_config(), run_dir, dist, config=configs.to_dict(cfg), stop=stop)

@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from toolkit.config import PositiveInt
+
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
@@ -27,7 +29,7 @@ class RuntimeConfig:
     channels_last: bool | None = None  # None: on for CUDA, off on the CPU
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
     sync_bn: bool = True
-    threads: int | None = None
+    threads: PositiveInt | None = None  # None: torch's default
 
     def memory_format(self, device: torch.device) -> torch.memory_format:
         """channels_last where asked (default: on CUDA, where cuDNN's tensor-core kernels want NHWC)."""

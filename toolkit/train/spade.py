@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from toolkit.atomic import atomic_path
-from toolkit.config import from_dict, to_dict
+from toolkit.config import Decay, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, from_dict, to_dict
 from toolkit.data.dataset import SliceDataset, Source
 from toolkit.data.store import Store
 from toolkit.models.spade import MultiscaleDiscriminator, SPADEConfig, SPADEGenerator, one_hot
@@ -52,20 +52,20 @@ class SPADEDataConfig:
     store: Path
     reduced: bool = False
     drop_empty: bool = True
-    workers: int = 0
+    workers: NonNegativeInt = 0
 
 
 @dataclass(frozen=True)
 class SPADEOptimConfig:
     """TTUR Adam (official: lr 2e-4 halved for G, doubled for D) and the loss weight; batch is the global batch."""
 
-    lr_g: float = 1e-4
-    lr_d: float = 4e-4
-    beta1: float = 0.0
-    beta2: float = 0.9
-    lambda_feat: float = 10.0
-    batch: int = 1
-    decay_epochs: int = 0
+    lr_g: PositiveFloat = 1e-4
+    lr_d: PositiveFloat = 4e-4
+    beta1: Decay = 0.0
+    beta2: Decay = 0.9
+    lambda_feat: NonNegativeFloat = 10.0
+    batch: PositiveInt = 1
+    decay_epochs: NonNegativeInt = 0
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,12 @@ class SPADERunConfig:
     optim: SPADEOptimConfig = field(default_factory=SPADEOptimConfig)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=50))
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    samples: int = 8
-    seed: int = 0
+    samples: PositiveInt = 8
+    seed: NonNegativeInt = 0
+
+    def input_stores(self) -> dict[str, Path]:
+        """The stores this run reads, by config key (their fingerprints are recorded in the run directory)."""
+        return {"data.store": self.data.store}
 
 
 def to_unit(image: torch.Tensor, intensity_max: float) -> torch.Tensor:

@@ -11,25 +11,33 @@ Run it plainly or under ``mpirun -n K`` / ``srun --mpi=pmix``: ranks take the sh
 (:func:`~toolkit.train.distributed.mpi_device`), and rank 0 finishes the store — PNG export, manifest, preview
 (:mod:`toolkit.train.ranks`); output shard k depends on input shard k only, so the store is byte-identical for any
 rank count.
+
+The store records what defines it (:mod:`toolkit.provenance`): the fingerprints of the generator file and of the mask
+store, the generator's epoch and ``png`` (not ``batch`` or the device, which do not change what is computed). SPADE
+rewrites ``generator.pt`` every epoch, so a synthesis resumed after more SPADE training is refused naming
+``generator``, never finished with a second generator; so is a complete store made from another generator or other
+masks. A SPADE run that is still training (its run directory's lock held) is refused at once, for the same reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
+from toolkit import provenance
 from toolkit.data.prepare import export_png
-from toolkit.data.store import MANIFEST, Manifest, Store
+from toolkit.data.store import Manifest, Store, open_shard, reading
+from toolkit.lock import LockedError, describe, holder
 from toolkit.models.spade import one_hot
-from toolkit.mpi import world
+from toolkit.mpi import from_root, world
 from toolkit.report.figures import row_grid
 from toolkit.train.distributed import mpi_device
-from toolkit.train.ranks import write_shards
+from toolkit.train.ranks import open_store, write_shards
 from toolkit.train.spade import GENERATOR, load_generator, to_uint16
 
 log = logging.getLogger(__name__)
@@ -51,45 +59,59 @@ def synthesize(G: torch.nn.Module, labels: np.ndarray, intensity_max: float, bat
 
 def generate_images(run_dir: Path, masks: Path, out: Path, *, batch: int = 16, device: str | None = None,
                     png: bool = False, comm: Any = None) -> Manifest | None:
-    """Write the paired synthetic store ``out`` for every mask of ``masks``; a complete store is kept as it is.
-    Collective over ``comm`` (default ``MPI.COMM_WORLD``); rank 0 returns the manifest, other ranks None."""
+    """Write the paired synthetic store ``out`` for every mask of ``masks``; a complete store made from the same
+    generator and masks is kept as it is (otherwise: OptionsChanged). Collective over ``comm`` (default
+    ``MPI.COMM_WORLD``); rank 0 returns the manifest, other ranks None."""
     comm = world(comm)
     out = Path(out)
-    if (out / MANIFEST).exists():  # checked on every rank, so that all of them stop
-        log.info("%s: store is already complete", out)
-        return Store(out).manifest if comm.Get_rank() == 0 else None
     source = Store(masks)
     path = Path(run_dir) / GENERATOR
     if not path.exists():
         raise FileNotFoundError(f"{path}: no generator yet; train SPADE first (`tumorsynth train spade`)")
+    from_root(comm, lambda: _not_training(Path(run_dir)))  # asked on rank 0 only, so that all ranks agree
+    fingerprint = provenance.fingerprint(path)  # on every rank: open_store refuses ranks that loaded other files
     G, meta = load_generator(path, mpi_device(comm, device))
     m = source.manifest
     if m.image_size != G.cfg.resolution or m.classes != G.cfg.label_nc:
         raise ValueError(f"{source.root}: {m.classes}-class {m.image_size}² masks, but the generator in {path} "
                          f"takes {G.cfg.label_nc}-class {G.cfg.resolution}² masks")
+    options = {"generator": fingerprint, "epoch": meta.get("epoch"), "masks": provenance.fingerprint(source.root),
+               "png": png}
+    complete, writer = open_store(out, m.classes, options, comm)
+    if complete:
+        log.info("%s: store is already complete", out)
+        return writer  # rank 0: the manifest; other ranks None
     intensity_max = float(meta["intensity_max"])
-    inputs = {(split, k): shard_path for split in m.splits for k, (_, shard_path) in enumerate(source.shards(split))}
+    inputs = {(split, k): shard for split in m.splits for k, shard in enumerate(source.shards(split))}
 
     def make(split: str, k: int) -> dict[str, Any]:
-        with h5py.File(inputs[(split, k)], "r") as f:
+        info, path = inputs[(split, k)]
+        with open_shard(path, info.sha256) as f, reading(path):
             labels, subjects, slices = f["label"][:], f["subject"].asstr()[:], f["slice"][:]
         return {"label": labels, "image": synthesize(G, labels, intensity_max, batch), "subject": list(subjects),
                 "slice_index": slices}
 
-    writer = write_shards(out, m.classes, list(inputs), make, comm)
-    if writer is None:
-        return None
-    if png:
-        for split, k in inputs:
-            export_png((out, out / writer.done(split, k).file))
-    manifest = writer.finish(kind="synthetic", image_size=m.image_size, has_image=True,
-                             shard_counts={split: len(m.splits[split].shards) for split in m.splits},
-                             reduced_fraction=m.reduced_fraction, modality=meta.get("modality"),
-                             provenance={"spade_run": str(Path(run_dir).resolve()), "epoch": meta["epoch"],
-                                         "spade_store": meta["store"], "masks": str(source.root.resolve()),
-                                         "masks_provenance": m.provenance})
+    with writer or contextlib.nullcontext():  # rank 0 gives the lock up on an error too (the store stays resumable)
+        writer = write_shards(writer, out, m.classes, list(inputs), make, comm)
+        if writer is None:
+            return None
+        if png:
+            for split, k in inputs:
+                export_png((out, out / writer.done(split, k).file))
+        manifest = writer.finish(kind="synthetic", image_size=m.image_size, has_image=True,
+                                 shard_counts={split: len(m.splits[split].shards) for split in m.splits},
+                                 reduced_fraction=m.reduced_fraction, modality=meta.get("modality"),
+                                 provenance={"spade_run": str(Path(run_dir).resolve()), "epoch": meta["epoch"],
+                                             "spade_store": meta["store"], "masks": str(source.root.resolve()),
+                                             "masks_provenance": m.provenance})
     preview(out)
     return manifest
+
+
+def _not_training(run_dir: Path) -> None:
+    if (trainer := holder(run_dir)) is not None:
+        raise LockedError(f"{run_dir}: this SPADE run is still being trained by {describe(trainer)}; its {GENERATOR} "
+                          "changes every epoch: generate images once the training has stopped")
 
 
 def preview(store: Path, columns: int = 8) -> Path | None:

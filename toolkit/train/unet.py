@@ -20,14 +20,14 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from toolkit.atomic import atomic_path
-from toolkit.config import to_dict
+from toolkit.config import NonNegativeInt, PositiveFloat, PositiveInt, Range, to_dict
 from toolkit.data.dataset import SliceDataset, Source
 from toolkit.metrics.dice import class_weights, dice_from_sums, soft_sums
 from toolkit.models.unet import UNet, UNetConfig
@@ -45,27 +45,27 @@ class DataConfig:
     """Which rows train and validate: a prefix of the real training split plus, optionally, a synthetic store."""
 
     real: Path
-    real_n: int | None = None
+    real_n: NonNegativeInt | None = None  # None: all rows; 0: none (a synthetic-only mix)
     synthetic: Path | None = None
-    synthetic_n: int | None = None
-    classes: int = 7
+    synthetic_n: NonNegativeInt | None = None
+    classes: Annotated[int, Range(ge=2)] = 7  # background and at least one class
     stats_from: Literal["all", "real"] = "all"
     val_split: str = "val"
-    workers: int = 0
+    workers: NonNegativeInt = 0
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Widths of the U-Net; the paper's are the defaults, the CPU demo narrows them."""
 
-    widths: tuple[int, ...] = (64, 128, 256, 512)
-    bridge: int = 1024
+    widths: tuple[PositiveInt, ...] = (64, 128, 256, 512)
+    bridge: PositiveInt = 1024
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-4
-    batch: int = 8
+    lr: PositiveFloat = 1e-4
+    batch: PositiveInt = 8
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,14 @@ class UNetRunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    seed: int = 0
+    seed: NonNegativeInt = 0
+
+    def input_stores(self) -> dict[str, Path]:
+        """The stores this run reads, by config key (their fingerprints are recorded in the run directory)."""
+        stores = {"data.real": self.data.real}
+        if self.data.synthetic is not None:
+            stores["data.synthetic"] = self.data.synthetic
+        return stores
 
 
 def build_model(cfg: UNetRunConfig) -> UNet:
