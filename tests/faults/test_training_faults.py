@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -90,26 +89,6 @@ def wait_for(condition, proc, timeout, what):
         time.sleep(0.01)
 
 
-def launch_ranks(cmd, ranks=2, timeout=180.0):
-    """Run ``cmd`` as ``ranks`` DDP ranks on localhost (torchrun's variables) and return each rank's (exit status,
-    stderr). Ranks still running at ``timeout`` (a rank waiting for a peer that gave up) are killed: status −9."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = clean_environment()
-    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(r),
-                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
-    deadline = time.monotonic() + timeout
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-    return [(proc.returncode, proc.communicate()[1]) for proc in procs]
-
-
 def task_state(path):
     return torch.load(path, weights_only=True)["task"]
 
@@ -165,7 +144,7 @@ def test_second_launcher_on_a_running_run_exits_at_once_naming_the_holder_and_to
     assert task_state(newest)["model"]  # the first run's own save on SIGTERM is complete and loads
 
 
-def test_rank0_that_cannot_claim_the_run_directory_stops_every_ddp_rank_promptly(store_64, tmp_path):
+def test_rank0_that_cannot_claim_the_run_directory_stops_every_ddp_rank_promptly(store_64, tmp_path, launch_ranks):
     config = unet_config(tmp_path / "unet.yaml", store_64)
     run_dir = tmp_path / "run"
     with WriterLock(run_dir, "run directory"):  # held by this test process, as by another live trainer
@@ -222,7 +201,7 @@ def test_a_diverging_loss_stops_the_run_before_any_save_with_one_line_naming_the
     assert not (run_dir / "DONE").exists() and not list(run_dir.glob("snapshots/tick-*.pt"))
 
 
-def test_a_diverging_loss_stops_both_ddp_ranks_promptly(store_64, tmp_path):
+def test_a_diverging_loss_stops_both_ddp_ranks_promptly(store_64, tmp_path, launch_ranks):
     config = pgan_config(tmp_path / "pgan.yaml", store_64)
     (rank0, err0), (rank1, err1) = launch_ranks(train_cmd("pgan", config, tmp_path / "run", "--dist", "ddp"),
                                                 timeout=300)

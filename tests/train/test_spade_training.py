@@ -109,8 +109,13 @@ def test_killed_run_resumes_bit_identically(spade_run, tmp_path, assert_same_sta
     mine, theirs = _latest_checkpoint(run_dir), _latest_checkpoint(reference)
     assert set(theirs["task"]) >= {"G", "D", "opt_G", "opt_D"} and theirs["progress"]["epoch"] == 2
     # everything: both networks (weights and BatchNorm buffers), both optimisers' moments, steps and hyperparameters,
-    # the precision state, the progress and the Python/numpy/torch RNG states
-    assert_same_state(mine, theirs)
+    # the precision state, the progress and the config. Not the global RNG states: the trainer seeds none of Python's
+    # and numpy's (each process starts from OS entropy) and draws its randomness from generators seeded per use, and
+    # the global torch generator, seeded for the initial weights, is drawn from outside training too (a data loader
+    # draws a base seed per iterator, and a resumed run starts one more); measured: all three differ at every
+    # checkpoint while every tensor above agrees.
+    assert mine.keys() == theirs.keys() >= {"task", "progress", "config", "rng"}
+    assert_same_state({k: v for k, v in mine.items() if k != "rng"}, {k: v for k, v in theirs.items() if k != "rng"})
 
 
 def test_two_ranks_with_synchronised_batch_norm_equal_one_process(store_64, tmp_path, launch_ddp):

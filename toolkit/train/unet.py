@@ -212,8 +212,11 @@ def segmentation_sums(net: torch.nn.Module, batches: Iterable[dict[str, torch.Te
                       ) -> dict[str, torch.Tensor]:
     """Dice sums over ``batches`` (this rank's share): soft and hard per class, hard per BraTS region.
 
-    Each value is a float64 [2, K] tensor of (intersection, |P|+|G|) rows, so ranks combine them by summing.
+    Each value is a float64 [2, K] tensor of (intersection, |P|+|G|) rows, so ranks combine them by summing. The
+    network is left in the mode it came in (a training loop's model goes back to training, an evaluator's stays in
+    eval for what it draws next).
     """
+    was_training = net.training
     net.eval()
     sums: dict[str, torch.Tensor] = {}
 
@@ -230,7 +233,7 @@ def segmentation_sums(net: torch.nn.Module, batches: Iterable[dict[str, torch.Te
             regions = [list(labels) for labels in REGIONS.values()]
             add("regions", soft_sums(torch.stack([hard[:, r].sum(1) for r in regions], 1),
                                      torch.stack([onehot[:, r].sum(1) for r in regions], 1)))
-    net.train()
+    net.train(was_training)
     return sums
 
 
