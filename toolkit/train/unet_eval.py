@@ -18,6 +18,7 @@ from torch.utils.data import default_collate
 from toolkit import config as configs
 from toolkit.atomic import write_json
 from toolkit.data.dataset import SliceDataset, Source
+from toolkit.lock import WriterLock
 from toolkit.report.figures import segmentation_grid
 from toolkit.train import distributed
 from toolkit.train.loader import loader
@@ -29,8 +30,14 @@ FIGURE_COLUMNS = 6
 
 def evaluate_run(run_dir: Path, *, store: Path | None = None, split: str = "test",
                  device: str | None = None) -> dict[str, Any]:
-    """Score ``run_dir/best.pt`` on ``split`` of ``store`` (default: the run's real store)."""
-    run_dir = Path(run_dir)
+    """Score ``run_dir/best.pt`` on ``split`` of ``store`` (default: the run's real store) into
+    ``eval-<split>.json`` and a figure, holding the run directory's lock (a training still running there is refused,
+    and a sweep's status sees an evaluating member as running)."""
+    with WriterLock(run_dir, "run directory"):
+        return _evaluate(Path(run_dir), store, split, device)
+
+
+def _evaluate(run_dir: Path, store: Path | None, split: str, device: str | None) -> dict[str, Any]:
     cfg = configs.load(UNetRunConfig, run_dir / "config.yaml")
     best_path = run_dir / "best.pt"
     if not best_path.exists():
