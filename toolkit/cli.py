@@ -96,9 +96,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         from toolkit.bench.unet import bench_trainer, bench_unet, trainer_config
         from toolkit.config import load
-        from toolkit.models.unet import UNetConfig
         from toolkit.train import distributed
-        from toolkit.train.unet import ModelConfig, UNetRunConfig
+        from toolkit.train.unet import ModelConfig, UNetRunConfig, network_config
 
         # without -c: the paper's network (the defaults of UNetConfig), 7 classes, the default runtime
         run = load(UNetRunConfig, args.config) if args.config else trainer_config(ModelConfig())
@@ -108,7 +107,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         workers = args.workers if args.workers is not None else (4 if cuda else 0)  # GPUs need the loader ahead
         run = replace(run, runtime=runtime, optim=replace(run.optim, batch=args.batch),
                       data=replace(run.data, workers=workers))
-        model = UNetConfig(classes=run.data.classes, widths=run.model.widths, bridge=run.model.bridge)
+        model = network_config(run)
         dist = distributed.init(args.dist, args.device)
         try:
             doc = bench_unet(model, batch=args.batch, size=args.size, steps=args.steps, compile=args.compile,
@@ -132,7 +131,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             if run.runtime.threads:  # as the trainer runs
                 torch.set_num_threads(run.runtime.threads)
             doc = bench_pgan(run.model, run.schedule, optim=run.optim, precision=run.runtime.precision,
-                             device=args.device, steps=args.steps)
+                             device=args.device, steps=args.steps, runtime=run.runtime)
         else:
             doc = bench_pgan(device=args.device, steps=args.steps)
     elif args.target == "spade":

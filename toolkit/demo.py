@@ -1,18 +1,22 @@
 """`tumorsynth demo [--cluster local|slurm]`: the whole pipeline on the embedded demo cohort, ending in
-``OUT/report.md`` with Table 1.
+``OUT/report.md`` (:mod:`toolkit.report.demo`): every model's figures and the numbers that show it learned.
 
-Phantom cohort → :func:`toolkit.cluster.pipeline.run_pipeline` with the repository's demo configs (prepare at 64²,
-PGAN at 64², SWD of every tick on 2 MPI ranks, synthetic masks from the best tick, the z-score filter on 2 MPI ranks,
-SPADE, synthetic MR for every kept mask, and the Table-1-shaped sweep of configs/sweeps/demo.yaml: 3 class sets ×
-3 real/synthetic mixes) → report. On ``slurm`` the demo queues the same jobs on a cluster (the local one of
-slurm/local/start.sh, or a real one with ``--profile``) and waits for them. Every step skips finished work, so a re-run
-of the demo resumes.
+Phantom cohort → :func:`toolkit.cluster.pipeline.run_pipeline` with the repository's demo configs (prepare at 64²;
+PGAN and SPADE side by side, one core each; SWD of every tick on 2 MPI ranks, synthetic masks from the best tick, the
+z-score filter on 2 MPI ranks, a synthetic MR for every kept mask; then the Table-1-shaped sweep of
+configs/sweeps/demo.yaml, 3 class sets × 3 real/synthetic mixes, two members at a time) → report. On ``slurm`` the
+demo queues the same jobs on a cluster (the local one of slurm/local/start.sh, or a real one with ``--profile``) and
+waits for them. Every step skips finished work, so a re-run of the demo resumes.
+
+Budget (2 cores, ≤ 15 minutes with the venv): each step's length is set where it teaches something (see the configs'
+comments); ``ESTIMATES`` are the steps' wall seconds on the reference 2-core machine, from which the progress lines
+estimate what remains.
 
 The filter threshold is the paper's 500 scaled to the demo's size: the norm sums over pixels, so for masks that
-deviate alike it grows with the square root of the pixel count (500 × 64/256 = 125 at 64²). The demo's 16-kimg PGAN
-(the paper trains 12,000 kimg) leaves stray pixels on the image border, where every real mask is background (σ = 0),
-so the strict σ = 0 rule would drop every mask; the demo floors σ at 0.1 (``--min-std``) and its report gives both
-drop rates, with the strict rule's calibration curve.
+deviate alike it grows with the square root of the pixel count (500 × 64/256 = 125 at 64²). A demo-length PGAN can
+leave stray pixels on the image border, where every real mask is background (σ = 0), and the strict σ = 0 rule drops
+any such mask; the demo floors σ at 0.1 (``--min-std``) and its report gives both drop rates, with the strict rule's
+calibration curve.
 """
 
 from __future__ import annotations
@@ -26,17 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit.atomic import write_bytes
+from toolkit.atomic import write_bytes, write_json
 from toolkit.cluster import slurmctl
 from toolkit.cluster.pipeline import PipelineConfig, TrainStep, run_pipeline
 from toolkit.cluster.sweep import Sweep
 from toolkit.data.phantom import write_cohort
-from toolkit.data.store import Store, summary
+from toolkit.report.demo import render
 
 log = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's configs/ (make demo runs from it)
 PAPER_SIZE, PAPER_THRESHOLD = 256, 500.0
+# Wall seconds of each step on the reference 2-core machine (PGAN and SPADE overlap): the progress lines' estimates.
+ESTIMATES = {"prepare": 40.0, "pgan-full": 250.0, "spade-full": 240.0, "swd-full": 25.0, "masks-full": 5.0,
+             "filter-full": 3.0, "images-full": 10.0, "sweep": 320.0, "total": 660.0}
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class DemoConfig:
     size: int = 64
     workers: int = 2
     swd_images: int = 512
-    masks: int = 1000
+    masks: int = 1280  # ≈ the real training slices after the filter's ~22 % drops: the sweep's mixes stay balanced
     min_std: float = 0.1
     cluster: str = "local"
     profile: str = "local"
@@ -65,9 +72,9 @@ def pipeline_config(config: DemoConfig) -> PipelineConfig:
     return PipelineConfig(out=Path(config.out), cohort=Path(config.out) / "cohort", size=config.size,
                           workers=config.workers, branches=("full",), swd_images=config.swd_images,
                           masks=config.masks, threshold=config.threshold, min_std=config.min_std, ranks=2,
-                          seed=config.seed,
+                          seed=config.seed, parallel=config.workers, estimates=tuple(ESTIMATES.items()),
                           pgan=TrainStep(CONFIGS / "demo-pgan.yaml"),
-                          spade=TrainStep(CONFIGS / "demo-spade.yaml", (f"runtime.threads={config.workers}",)),
+                          spade=TrainStep(CONFIGS / "demo-spade.yaml"),
                           sweep=CONFIGS / "sweeps" / "demo.yaml", profile=config.profile)
 
 
@@ -96,9 +103,31 @@ def run_demo(config: DemoConfig) -> Path:
     calibration = _timed(timings, "filter calibration", lambda: _calibrate(out, config.threshold))
     table = Sweep(out / "sweep").report()
     timings["total"] = time.perf_counter() - begin
+    timings = _remembered(out / "timings.json", timings)
     report = out / "report.md"
-    write_bytes(report, _report(config, out, table, calibration, timings).encode())
+    text = render(out, header=_header(config), table=table, calibration=calibration, threshold=config.threshold,
+                  min_std=config.min_std, timings=timings)
+    write_bytes(report, text.encode())
     return report
+
+
+def _remembered(path: Path, timings: dict[str, float]) -> dict[str, float]:
+    """This run's step seconds over those of the earlier runs that did the other steps (``OUT/timings.json``): a
+    resumed demo reports what each step took when it ran. The total is then the sum of the runs' totals."""
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    merged = {**earlier, **timings, "total": earlier.get("total", 0.0) + timings["total"]}
+    write_json(path, merged)
+    return merged
+
+
+def _header(config: DemoConfig) -> list[str]:
+    where = f"SLURM (profile {config.profile})" if config.cluster == "slurm" else "this machine"
+    return ["# tumorsynth demo report", "",
+            f"The paper's pipeline, end to end, on {config.subjects} phantom subjects (seed {config.seed}) at "
+            f"{config.size}², on {where}: prepare → PGAN masks → SWD → Z-score filter → SPADE images → the U-Net "
+            "sweep of Table 1. Networks and schedules are demo-sized (minutes on 2 CPU cores, not the paper's GPU "
+            "days); §6 lists what each model had to reach. Numbers are deterministic on one machine; another CPU "
+            "gives slightly different floats (see the README).", ""]
 
 
 def _wait(jobs: dict[str, str], sweep_dir: Path, timeout: float) -> None:
@@ -132,50 +161,3 @@ def _calibrate(out: Path, threshold: float) -> dict[str, Any]:
         rows = list(csv.DictReader(handle))
     at_threshold = int(np.argmin(np.abs(grid - threshold)))  # the grid point that is the threshold
     return {**doc, "strict_dropped": float(rows[at_threshold]["synthetic_dropped"])}
-
-
-def _report(config: DemoConfig, out: Path, table: dict[str, Any], calibration: dict[str, Any],
-            timings: dict[str, float]) -> str:
-    info = summary(Store(out / "store"))
-    best = (out / "runs" / "pgan-full" / "snapshots" / "best").read_text().strip()
-    with open(out / "runs" / "pgan-full" / "swd.csv", newline="") as handle:
-        swd = {row["snapshot"]: row for row in csv.DictReader(handle)}
-    kept = Store(out / "stores" / "kept-full").manifest.provenance
-    synthetic = Store(out / "stores" / "synthetic-full").manifest
-    spade = [json.loads(line) for line in (out / "runs" / "spade-full" / "metrics.jsonl").read_text().splitlines()
-             if "val_l1" in line]
-    lines = [
-        "# tumorsynth demo report", "",
-        f"Cohort: {config.subjects} phantom subjects (seed {config.seed}); store at {config.size}², "
-        f"{info['classes']} classes, modality {info['modality']}, intensity max {info['intensity_max']}. "
-        f"Jobs ran on: {config.cluster}" + (f" (profile {config.profile})." if config.cluster == "slurm" else "."), "",
-        "## Store", "", "| split | slices | empty masks |", "|---|---:|---:|",
-        *(f"| {k} | {v} | {info['empty'][k]} |" for k, v in info["splits"].items()),
-        f"| reduced (train prefix) | {info['reduced']} | |", "",
-        "Class frequencies (train): "
-        + ", ".join(f"{k} {v:.3f}" for k, v in info["class_frequencies"]["train"].items()), "",
-        f"## Mask generator (PGAN, {config.size}², configs/demo-pgan.yaml)", "",
-        f"Tick snapshots scored by SWD on 2 MPI ranks ({config.swd_images} images); best: **{best}**"
-        + f" of {len(swd)} (SWD ×1e3 avg {float(swd[best]['swd_avg']):.2f}); runs/pgan-full/swd.png, "
-        f"runs/pgan-full/samples/{best}.png.", "",
-        f"{config.masks} synthetic masks generated into stores/masks-full.", "",
-        "## Z-score filter (2 MPI ranks)", "",
-        f"Threshold {config.threshold:g} (the paper's 500 at 256², scaled by √pixels), σ floored at "
-        f"{config.min_std:g}: kept {kept['kept']}, dropped {kept['dropped']} (**{kept['dropped_percent']:.2f} %**; "
-        f"the paper dropped 0.597 % and 1.882 %). The strict σ = 0 rule would drop "
-        f"{100 * calibration['strict_dropped']:.1f} % at this threshold: the demo PGAN (16 kimg; the paper's ran "
-        f"12,000) leaves stray pixels on the image border, where every real mask is background. Its calibration "
-        f"curve (real validation vs. synthetic masks, strict rule) is in calibration/, examples of dropped masks in "
-        f"stores/kept-full/dropped.png; suggested threshold (strict rule) "
-        + (f"{calibration['suggested_threshold']:.1f}." if calibration["suggested_threshold"] is not None
-           else "none (no threshold keeps 99 % of real masks)."), "",
-        "## SPADE (configs/demo-spade.yaml)", "",
-        f"{len(spade)} epochs; validation L1 by epoch (intensity units): "
-        + ", ".join(f"{m['val_l1']:.0f}" for m in spade) + ". Mask / synthetic / real grids: runs/spade-full/samples/.",
-        "", f"Synthetic store: {synthetic.splits['train'].n} pairs (stores/synthetic-full, preview.png).", "",
-        "## Table 1 (demo sweep, configs/sweeps/demo.yaml)", "", table["markdown"],
-        "Figure: sweep/table1.png. Demo-sized networks and epochs: the numbers show the pipeline works end to end, "
-        "not the paper's effect sizes.", "",
-        "## Timings", "", "| step | seconds |", "|---|---:|", *(f"| {k} | {v:.1f} |" for k, v in timings.items()), "",
-    ]
-    return "\n".join(lines)

@@ -3,6 +3,7 @@ filter's choice checked against norms computed here, MPI steps on 2 ranks, the s
 and a re-run that skips everything."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -43,10 +44,12 @@ def _floored_norms(store, masks, min_std):
     return np.sqrt((((masks - real.mean(0)) / sigma) ** 2).sum((1, 2)))
 
 
-@pytest.mark.mpi
-def test_local_pipeline_prepares_filters_and_runs_every_step_then_skips_them(cohort, store_64, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_pipeline(cohort, tmp_path_factory):
+    """A whole local pipeline with tiny configs, run once for this module: (its config, run_pipeline's result)."""
     if shutil.which("mpirun") is None:
         pytest.skip("needs OpenMPI's mpirun (make test installs openmpi-bin as root)")
+    tmp_path = tmp_path_factory.mktemp("pipeline")
     out = tmp_path / "exp"
     pgan = _yaml(tmp_path / "pgan.yaml", {
         "data": {"store": "set-by-pipeline"}, "model": {"resolution": 64, "latent": 8, "fmap_base": 32, "fmap_max": 8},
@@ -64,14 +67,21 @@ def test_local_pipeline_prepares_filters_and_runs_every_step_then_skips_them(coh
         "name": "tiny", "model": "unet", "base": str(base), "vars": {"real": "x", "synthetic": "y"},
         "set": {"data.real": "${real}"},
         "grid": {"classes": {"data.classes": [7, 2]},
-                 "mix": {"real + synthetic": {"data.synthetic": "${synthetic}", "data.synthetic_n": 8}}}})
+                 "mix": {"real": {"data.synthetic": None},
+                         "real + synthetic": {"data.synthetic": "${synthetic}", "data.synthetic_n": 8}}}})
     # A 1-kimg PGAN's masks are noise with stray labels where every real mask is background (σ = 0), so the strict
     # rule drops them all; σ floored at 0.5 ranks them instead (measured norms 330-533, median 452), and 485 keeps
     # most (the sweep needs 8) and drops some.
     cfg = PipelineConfig(out=out, cohort=cohort, pgan=TrainStep(pgan), spade=TrainStep(spade), sweep=sweep, size=64,
                          workers=2, branches=("full",), swd_images=32, masks=40, ranks=2, threshold=485.0,
                          min_std=0.5)
-    result = run_pipeline(cfg, "local")
+    return cfg, run_pipeline(cfg, "local")
+
+
+@pytest.mark.mpi
+def test_local_pipeline_prepares_filters_and_runs_every_step_then_skips_them(tiny_pipeline, store_64):
+    cfg, result = tiny_pipeline
+    out = Path(cfg.out)
     jobs = result["jobs"]
     assert all(jobs[s] == "ran" for s in (
         "prepare", "pgan-full", "swd-full", "masks-full", "filter-full", "spade-full", "images-full"))
@@ -91,11 +101,12 @@ def test_local_pipeline_prepares_filters_and_runs_every_step_then_skips_them(coh
     assert synthetic.provenance["masks"] == str((out / "stores" / "kept-full").resolve())
     assert (out / "runs" / "pgan-full" / "snapshots" / "best").exists()
     members = json.loads((out / "sweep" / "sweep.json").read_text())["members"]
-    assert len(members) == 2 and all(f"data.synthetic={out.resolve() / 'stores' / 'synthetic-full'}" in m["overrides"]
-                                     for m in members)
+    mixed = [m for m in members if m["labels"]["mix"] == "real + synthetic"]
+    assert len(members) == 4 and len(mixed) == 2
+    assert all(f"data.synthetic={out.resolve() / 'stores' / 'synthetic-full'}" in m["overrides"] for m in mixed)
     status = subprocess.run([*CLI, "sweep", "status", str(out / "sweep"), "--json"], capture_output=True, text=True,
                             timeout=120)
-    assert [m["state"] for m in json.loads(status.stdout)["members"]] == ["done", "done"]
+    assert [m["state"] for m in json.loads(status.stdout)["members"]] == ["done"] * 4
     again = run_pipeline(cfg, "local")["jobs"]
     assert set(again.values()) == {"done"}  # every step and the sweep are complete
 
@@ -127,3 +138,31 @@ def test_the_paper_pipeline_config_builds_both_branches_in_dependency_order(tmp_
     by_name = {s.name: s for s in steps(replace(cfg, profile=str(horovod)), "slurm")}
     assert {by_name[f"{m}-{b}"].job.backend for m in ("pgan", "spade") for b in ("full", "reduced")} == {"horovod"}
     assert _uses_mpi(by_name["spade-full"].job) and by_name["spade-full"].tasks == 2
+
+
+@pytest.mark.mpi
+def test_demo_report_has_every_section_in_order_and_every_linked_figure_exists(tiny_pipeline):
+    """The report's structure, not its numbers (those belong to the demo run): rendered from the tiny pipeline."""
+    from toolkit.cluster.sweep import Sweep
+    from toolkit.demo import _calibrate
+    from toolkit.report.demo import render
+
+    cfg, result = tiny_pipeline
+    out = Path(cfg.out)
+    text = render(out, header=["# report", ""], table=Sweep(out / "sweep").report(),
+                  calibration=_calibrate(out, cfg.threshold), threshold=cfg.threshold, min_std=cfg.min_std,
+                  timings={**result["seconds"], "total": sum(result["seconds"].values())})
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert [h.split(" ", 2)[1] for h in headings] == ["1.", "2.", "3.", "4.", "5.", "6.", "7."]
+    links = re.findall(r"!\[[^]]*]\(([^)]+)\)", text)
+    # PGAN's SWD curve and two sample grids, the filter's calibration and dropped masks, SPADE's grid, Table 1's
+    # bars and the segmentation figure of each real-only member (7 and 2 classes)
+    assert len(links) == 10 and all((out / link).is_file() for link in links), links
+    assert "figure missing" not in text
+    assert "| real + synthetic |" in text and "| class-mean baseline |" in text
+    checks = [line for line in text.split("## 6.")[1].split("## 7.")[0].splitlines() if line.startswith("| U-Net")]
+    # the 7-class member: Dice error and WT, TC, ET; the 2-class member: Dice error only
+    assert len(checks) == 5 and all(line.rstrip().endswith(("| met |", "| **not met** |")) for line in checks)
+    for step in ("pgan-full", "spade-full", "sweep"):
+        assert f"| {step} |" in text
+

@@ -167,3 +167,12 @@ def test_channels_last_survives_the_transposed_conv_crop_under_global_batchnorm(
     assert out.shape == (2, 4, 12, 12)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert up(torch.randn(2, 8, 6, 6)).is_contiguous()  # NCHW in, NCHW out
+
+
+def test_bn_momentum_reaches_every_batchnorm_and_the_default_is_keras():
+    fast = UNet(UNetConfig(widths=(4, 8), bridge=8, bn_momentum=0.1))
+    norms = [m for m in fast.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 2 * 2 + 1 + 2 * 3 and {m.momentum for m in norms} == {0.1}
+    assert {m.momentum for m in UNet(TINY).modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}
+    with pytest.raises(ValueError, match="bn_momentum"):
+        UNetConfig(bn_momentum=0.0)

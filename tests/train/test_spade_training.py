@@ -70,14 +70,19 @@ def test_training_writes_generator_samples_and_metrics(spade_run, store_64, figu
     assert saved["intensity_max"] == Store(store_64).manifest.intensity_max and saved["epoch"] == 1
     assert saved["model"]["resolution"] == 64 and saved["modality"] == "t1ce"
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["epoch-0000.png", "epoch-0001.png"]
-    # the sample grid: mask / synthetic / real rows of the first 4 non-empty validation pairs
-    val = Store(store_64).read("val", fields=("label", "image"))
-    shown = np.flatnonzero(val["label"].reshape(len(val["label"]), -1).any(1))[:4]
+    # the sample grid: mask / synthetic / class mean / real rows of 4 validation pairs spread over the larger half by
+    # brain pixels
+    val = _validation(store_64)
+    larger = np.argsort(-(val["label"] != 0).reshape(len(val["label"]), -1).sum(1), kind="stable")
+    larger = larger[:len(larger) // 2]
+    shown = larger[[0, round((len(larger) - 1) / 3), round(2 * (len(larger) - 1) / 3), len(larger) - 1]]
+    painted = _class_means(store_64)[val["label"][shown]]
     fig = figure(run_dir / "samples" / "epoch-0001.png")
-    assert (fig.width, fig.height) == (4 * 176, 3 * 176) and [len(row) for row in fig.panels] == [4, 4, 4]
-    for k, (mask, synthetic, real) in enumerate(zip(*fig.panels)):
+    assert (fig.width, fig.height) == (4 * 176, 4 * 176) and [len(row) for row in fig.panels] == [4, 4, 4, 4]
+    for k, (mask, synthetic, baseline, real) in enumerate(zip(*fig.panels)):
         assert _matches(fig, mask, val["label"][shown]) == k
         assert _shows_image(fig, real, val["image"][shown[k]]) and not fig.classes(synthetic)
+        assert _shows_image(fig, baseline, painted[k])
     lines = [yaml.safe_load(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [line for line in lines if "loss_d_real" in line]
     assert losses and all(np.isfinite(line["loss_g_feat"]) for line in losses)
@@ -85,6 +90,37 @@ def test_training_writes_generator_samples_and_metrics(spade_run, store_64, figu
     done = json.loads((run_dir / "DONE").read_text())
     assert done["epochs"] == 2 and done["step"] == lines[-1]["step"]
     assert done["best_val"] is None  # no validation loss: null, as strict JSON has no Infinity
+
+
+def _validation(store):
+    """The non-empty validation pairs, in store order."""
+    val = Store(store).read("val", fields=("label", "image"))
+    keep = val["label"].reshape(len(val["label"]), -1).any(1)
+    return {k: v[keep] for k, v in val.items()}
+
+
+def _class_means(store):
+    """Mean intensity per class over the non-empty pairs of the reduced training prefix (0 for absent classes)."""
+    train = Store(store).read("train", 0, Store(store).manifest.reduced, fields=("label", "image"))
+    keep = train["label"].reshape(len(train["label"]), -1).any(1)
+    label, image = train["label"][keep].astype(int), train["image"][keep].astype(float)
+    return np.array([image[label == c].mean() if (label == c).any() else 0.0 for c in range(7)])
+
+
+def test_epoch_metrics_score_spade_and_the_class_mean_baseline_on_the_validation_pairs(spade_run, store_64):
+    _, run_dir = spade_run
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [line for line in lines if "val_l1" in line]
+    keys = {f"{who}_{m}" for who in ("val", "baseline") for m in ("l1", "psnr", "ssim")}
+    assert [line["epoch"] for line in epochs] == [0, 1] and all(keys <= line.keys() for line in epochs)
+    val = _validation(store_64)
+    painted = _class_means(store_64)[val["label"]]
+    baseline_l1 = np.abs(painted - val["image"]).reshape(len(painted), -1).mean(1).mean()
+    for line in epochs:
+        assert line["baseline_l1"] == pytest.approx(baseline_l1, rel=1e-5)  # the same rows every epoch
+        assert 0 < line["baseline_ssim"] < 1 and 0 < line["val_ssim"] < 1
+        assert np.isfinite(line["val_psnr"]) and np.isfinite(line["baseline_psnr"])
+    assert epochs[0]["val_l1"] != epochs[1]["val_l1"]  # SPADE's numbers follow its training
 
 
 def _latest_checkpoint(run_dir):

@@ -26,7 +26,7 @@ from toolkit.train.distributed import Dist
 from toolkit.train.pgan import WGANGP, PGANOptimConfig
 from toolkit.train.pgan_schedule import ScheduleConfig, Segment, state_at, ticks
 from toolkit.train.precision import Precision
-from toolkit.train.runtime import prepare_device
+from toolkit.train.runtime import RuntimeConfig, prepare_device
 
 
 def _fading(lod: float) -> bool:
@@ -68,17 +68,18 @@ def _img_per_s(nets: WGANGP, lod: float, minibatch: int, device: torch.device, s
 
 def bench_pgan(config: PGANConfig | None = None, schedule: ScheduleConfig | None = None, *,
                optim: PGANOptimConfig | None = None, precision: str = "auto", device: str = "cpu", steps: int = 2,
-               warmup: int = 1) -> dict[str, Any]:
+               warmup: int = 1, runtime: RuntimeConfig | None = None) -> dict[str, Any]:
     """Parameter counts of G and D, training img/s at every resolution from 4² to the full one (stable and fading, at
     the schedule's minibatch) and the projected hours of the whole schedule. Defaults: the paper's networks and
-    schedule."""
+    schedule; ``runtime`` gives the memory format (default: the trainer's default for the device)."""
     config = config or PGANConfig()
     schedule = replace(schedule or ScheduleConfig(), resolution=config.resolution)  # as the trainer runs it
     dev = torch.device(device)
     prepare_device(dev)
     policy = Precision.for_device(precision, dev, allow_fp16=False)
     torch.manual_seed(0)
-    nets = WGANGP(config, optim or PGANOptimConfig(), Dist(device=dev), policy)
+    memory_format = (runtime or RuntimeConfig()).memory_format(dev)
+    nets = WGANGP(config, optim or PGANOptimConfig(), Dist(device=dev), policy, memory_format)
     rates: dict[tuple[int, bool], float] = {}
     for level in range(config.max_lod + 1):
         resolution, lod = 4 << level, float(config.max_lod - level)
@@ -91,6 +92,7 @@ def bench_pgan(config: PGANConfig | None = None, schedule: ScheduleConfig | None
     stable = {str(res): rate for (res, fading), rate in rates.items() if not fading}
     full = config.resolution
     return {"model": "pgan", "device": str(dev), "precision": policy.name,
+            "channels_last": memory_format == torch.channels_last,
             "params_g": sum(p.numel() for p in nets.G.parameters()),
             "params_d": sum(p.numel() for p in nets.D.parameters()),
             "resolution": full, "batch": schedule.minibatch.get(full, schedule.minibatch_default), "steps": steps,

@@ -9,14 +9,21 @@ The sweep file's variables ``real``, ``synthetic_full``, ``synthetic_reduced`` (
 branch's store) are set to the pipeline's stores. On ``slurm`` every step is a job that waits for its parents
 (``--dependency=afterok``), MPI steps run their ranks under ``srun --mpi=pmix``, and the sweep is one job array; the
 call returns once everything is queued (a job whose parent fails is cancelled, not left waiting). On ``local`` the
-steps run here, in order, MPI steps under ``mpirun``. Either way a step whose output is complete is skipped (and on
+steps run here (:func:`schedule`): a step starts once its parents have finished and enough of ``parallel`` slots
+(cores) are free, taking one per process (an MPI step its ranks, a training one; a step with more ranks than
+``parallel`` runs alone); steps ready at once start in the order of :func:`steps`. With ``parallel: 1`` they run one
+after another in that order, trainings in this process, MPI steps under ``mpirun``; with more, every step runs in
+its own ``python -m jobs`` process (under ``mpirun`` for MPI steps), its output in ``.pipeline/logs/<step>.log``.
+A failed step stops new starts; the steps still running finish (their outputs stay valid), then the run raises.
+Each step, and the sweep, logs a line when it starts and one when it ends, with the time since the run started and,
+given ``estimates``, about how long the rest will take. Either way a step whose output is complete is skipped (and on
 ``slurm`` one whose job from an earlier run is still queued keeps that job), so running a pipeline again resumes it;
 the jobs themselves resume from their checkpoints and finished shards. Everything lives under ``out``: ``store/``,
 ``runs/{pgan,spade}-<b>/``, ``stores/{masks,kept,synthetic}-<b>/``, ``sweep/`` and ``.pipeline/`` (pickled jobs for
-mpirun, submitit logs, ``jobs.json`` with the job ids). ``.pipeline/`` is private (0700, owner-checked: it holds
-pickles, which run as code). A run holds its lock throughout, so a second run of the same pipeline stops at once
-naming the first, and rewrites ``jobs.json`` after every step: a failure half-way leaves every submitted job tracked,
-and the next run keeps those still queued.
+``python -m jobs``, step and submitit logs, ``jobs.json`` with the job ids). ``.pipeline/`` is private (0700,
+owner-checked: it holds pickles, which run as code). A run holds its lock throughout, so a second run of the same
+pipeline stops at once naming the first, and rewrites ``jobs.json`` after every step: a failure half-way leaves every
+submitted job tracked, and the next run keeps those still queued.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import pickle
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +52,7 @@ from toolkit.cluster import slurmctl
 from toolkit.cluster.executors import ClusterError, executor, load_profile
 from toolkit.cluster.private import private_dir
 from toolkit.cluster.sweep import Sweep
-from toolkit.config import NonNegativeFloat, NonNegativeInt, PositiveInt, Threshold
+from toolkit.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Threshold
 from toolkit.data.prepare import PrepareConfig
 from toolkit.lock import WriterLock
 from toolkit.mpi import clean_environment, mpirun_prefix
@@ -64,7 +72,13 @@ class TrainStep:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """configs/pipeline/*.yaml; relative paths are relative to the working directory."""
+    """configs/pipeline/*.yaml; relative paths are relative to the working directory.
+
+    ``parallel`` (local only; SLURM ignores it): how many cores the local steps may use at once, one per process of
+    a step. ``estimates``: expected seconds per step name (e.g. measured on a reference machine), ``sweep`` for the
+    sweep and optionally ``total`` for the whole run's wall time (else their sum): the progress lines' "about m:ss
+    left".
+    """
 
     out: Path
     cohort: Path
@@ -82,6 +96,8 @@ class PipelineConfig:
     sweep_set: tuple[str, ...] = ()
     profile: str = "local"
     seed: NonNegativeInt = 0
+    parallel: PositiveInt = 1
+    estimates: tuple[tuple[str, PositiveFloat], ...] = ()
 
     def __post_init__(self) -> None:
         if self.size < 8 or self.size & (self.size - 1):
@@ -157,43 +173,53 @@ def _run(cfg: PipelineConfig, cluster: str, state: Path, sweep_timeout: float) -
     submitted: dict[str, str] = {}
     seconds: dict[str, float] = {}
     queued = _still_queued(state) if cluster == "slurm" else {}
+    plan = steps(cfg, cluster)
+    progress = Progress([*(step.name for step in plan), "sweep"], cfg.estimates)
+    local = cluster == "local"
+    todo: list[Step] = []
 
     def track(name: str, job: str) -> None:
         """Record a step's job at once, beside the earlier run's jobs still queued (until their steps come up)."""
         submitted[name] = job
         write_json(state / "jobs.json", {**queued, **submitted})
 
-    for step in steps(cfg, cluster):
+    def ran(name: str, taken: float) -> None:
+        seconds[name] = taken
+        track(name, "ran")
+
+    for step in plan:
         if step.done():
-            log.info("pipeline: %s is complete, skipped", step.name)
+            progress.skipped(step.name)
             track(step.name, "done")
             continue
         if step.name in queued:  # a job of an earlier `pipeline run` is still pending or running: keep it
             track(step.name, queued[step.name])
             log.info("pipeline: %s is still queued as job %s", step.name, queued[step.name])
             continue
-        if cluster == "local":
-            log.info("pipeline: running %s", step.name)
-            begin = time.perf_counter()
-            _run_local(step, state)
-            seconds[step.name] = time.perf_counter() - begin
-            track(step.name, "ran")
+        if local:
+            todo.append(step)
             continue
         parents = [submitted[p] for p in step.after if submitted.get(p) not in (None, "done")]
         ex = executor("slurm", load_profile(cfg.profile), state / "logs" / step.name, tasks=step.tasks,
                       mpi=step.tasks > 1 and _uses_mpi(step.job), after=parents)
         track(step.name, str(ex.submit(step.job).job_id))
         log.info("pipeline: %s queued as job %s (after %s)", step.name, submitted[step.name], parents or "nothing")
+    schedule(todo, cfg.parallel, state, progress=progress, finished=ran)
     images = [submitted[f"images-{b}"] for b in cfg.branches if submitted[f"images-{b}"] not in ("done", "ran")]
     stores = {f"synthetic_{b}": str((out / "stores" / f"synthetic-{b}").resolve()) for b in cfg.branches}
     variables = {"real": str((out / "store").resolve()), "synthetic": stores[f"synthetic_{cfg.branches[0]}"], **stores}
+    if local:
+        progress.started("sweep")
     with Sweep.create(Path(cfg.sweep), out / "sweep", cluster, cfg.profile, tuple(cfg.sweep_set),
                       tuple(f"{k}={v}" for k, v in variables.items())) as sweep:
         begin = time.perf_counter()
         ids = sweep.resume(after=images or None, timeout=sweep_timeout)
         finished = all(row["state"] == "done" for row in sweep.status())
-    if cluster == "local" and ids:
-        seconds["sweep"] = time.perf_counter() - begin
+    if local:
+        taken = time.perf_counter() - begin
+        progress.done("sweep", taken)
+        if ids:
+            seconds["sweep"] = taken
     track("sweep", ",".join(ids) if ids else ("done" if finished else "queued earlier"))
     return {"jobs": submitted, "seconds": seconds}
 
@@ -221,15 +247,140 @@ def _uses_mpi(job: Job) -> bool:
     return not isinstance(job, TrainJob) or job.backend == "horovod"
 
 
-def _run_local(step: Step, state: Path) -> None:
-    """Run a step in this process, or on ``step.tasks`` MPI ranks under ``mpirun`` (the job pickled for them)."""
-    if step.tasks <= 1 or isinstance(step.job, TrainJob):
+class Progress:
+    """The progress lines of a run (INFO): ``pipeline [k/n] NAME: started (elapsed m:ss)`` and ``… done in m:ss
+    (elapsed m:ss; about m:ss left)``, k the step's place among the run's n names, elapsed since this object was made.
+
+    What is left: the expected wall time of the whole run (the ``total`` estimate, which accounts for steps that run
+    side by side, else the sum over the names) less the estimates of steps skipped as complete, scaled by how long
+    the steps that ran took against their estimates so far (1 before any has), minus the time elapsed; 0 once every
+    step is done, left out without estimates.
+    """
+
+    def __init__(self, names: Sequence[str], estimates: Sequence[tuple[str, float]] = (),
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.names = list(names)
+        self.expected = dict(estimates)
+        self.clock = clock
+        self.begin = clock()
+        self.finished: dict[str, float | None] = {}  # name → seconds it ran, None if skipped as complete
+
+    def started(self, name: str) -> None:
+        log.info("%s: started (elapsed %s)", self._tag(name), _clock(self.clock() - self.begin))
+
+    def skipped(self, name: str) -> None:
+        self.finished[name] = None
+        log.info("%s: complete, skipped", self._tag(name))
+
+    def done(self, name: str, seconds: float) -> None:
+        self.finished[name] = seconds
+        left = self.left()
+        log.info("%s: done in %s (elapsed %s%s)", self._tag(name), _clock(seconds),
+                 _clock(self.clock() - self.begin), "" if left is None else f"; about {_clock(left)} left")
+
+    def failed(self, name: str, seconds: float) -> None:
+        log.error("%s: failed after %s (elapsed %s)", self._tag(name), _clock(seconds),
+                  _clock(self.clock() - self.begin))
+
+    def left(self) -> float | None:
+        """Seconds the run is expected to take still (see the class), or None without estimates."""
+        if not self.expected:
+            return None
+        if all(name in self.finished for name in self.names):
+            return 0.0
+        ran = [name for name, seconds in self.finished.items() if seconds is not None and name in self.expected]
+        expected_ran = sum(self.expected[name] for name in ran)
+        ratio = sum(self.finished[name] or 0.0 for name in ran) / expected_ran if expected_ran > 0 else 1.0
+        skipped = sum(self.expected.get(name, 0.0) for name, seconds in self.finished.items() if seconds is None)
+        total = self.expected.get("total", sum(self.expected.get(name, 0.0) for name in self.names))
+        return max(0.0, ratio * (total - skipped) - (self.clock() - self.begin))
+
+    def _tag(self, name: str) -> str:
+        return f"pipeline [{self.names.index(name) + 1}/{len(self.names)}] {name}"
+
+
+def _clock(seconds: float) -> str:
+    """``m:ss`` (minutes beyond an hour stay minutes: 75:00)."""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}:{rest:02d}"
+
+
+def schedule(todo: Sequence[Step], parallel: int, state: Path, *, progress: Progress | None = None,
+             finished: Callable[[str, float], None] = lambda name, seconds: None) -> None:
+    """Run the steps ``todo`` here (see the module docstring), their pickles and logs in ``state``.
+
+    A step starts once none of its parents (``after``) is among the unfinished steps of ``todo`` and enough of the
+    ``parallel`` slots are free: one per process, all of them for a step with more; of the steps ready at once, the
+    earlier in ``todo`` starts first. ``finished(name, seconds)`` is called in this thread as each step completes.
+    With ``parallel`` 1 a step runs in this thread (trainings need the main thread for their signal handlers); with
+    more, each in its own process, waited for by a thread of a pool. After a failure no step starts; the running
+    ones finish, then the first failure is raised.
+    """
+    progress = progress or Progress([step.name for step in todo])
+    waiting, unfinished = list(todo), {step.name for step in todo}
+    running: dict[Future[None], tuple[Step, float]] = {}
+    failure: BaseException | None = None
+    free = parallel
+    slots = lambda step: min(_ranks(step), parallel)  # noqa: E731
+    with ThreadPoolExecutor(parallel, "pipeline-step") if parallel > 1 else _InThisThread() as pool:
+        while running or (waiting and failure is None):
+            for step in list(waiting) if failure is None else []:
+                if slots(step) <= free and unfinished.isdisjoint(step.after):
+                    waiting.remove(step)
+                    free -= slots(step)
+                    progress.started(step.name)
+                    running[pool.submit(_run_local, step, state, parallel > 1)] = (step, time.perf_counter())
+            if not running:
+                raise ValueError(f"pipeline: {[s.name for s in waiting]} wait for parents that never finish")
+            for future in wait(running, return_when=FIRST_COMPLETED).done:
+                step, begin = running.pop(future)
+                free += slots(step)
+                taken = time.perf_counter() - begin
+                if future.exception() is None:
+                    unfinished.discard(step.name)
+                    progress.done(step.name, taken)
+                    finished(step.name, taken)
+                else:
+                    progress.failed(step.name, taken)
+                    failure = failure or future.exception()
+    if failure is not None:
+        raise failure
+
+
+class _InThisThread(Executor):
+    """An executor that runs each call at once, in the calling thread (``parallel`` 1: today's in-process steps)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # handed on like a pool's; the scheduler raises it once nothing runs
+            future.set_exception(exc)
+        return future
+
+
+def _ranks(step: Step) -> int:
+    """How many processes a step runs here: a training one (DDP needs SLURM's tasks), others ``step.tasks``."""
+    return 1 if isinstance(step.job, TrainJob) else step.tasks
+
+
+def _run_local(step: Step, state: Path, isolated: bool) -> None:
+    """Run a step in this process, or (``isolated`` or MPI) as ``python -m jobs`` on its pickle, under ``mpirun`` for
+    more than one rank, its output in ``state/logs/<step>.log``; a failure names the step, its exit and its log."""
+    ranks = _ranks(step)
+    if ranks == 1 and not isolated:
         step.job()
         return
     path = state / f"{step.name}.pkl"
     write_bytes(path, pickle.dumps(step.job))
     os.chmod(path, 0o600)  # read back by `python -m jobs`, which takes only a file no one else may write
-    command = [*mpirun_prefix(step.tasks), sys.executable, "-m", "jobs", str(path)]
-    done = subprocess.run(command, env=clean_environment(), capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise RuntimeError(f"pipeline step {step.name} failed under mpirun (exit {done.returncode}):\n{done.stderr}")
+    command = [*(mpirun_prefix(ranks) if ranks > 1 else []), sys.executable, "-m", "jobs", str(path)]
+    logs = state / "logs"
+    logs.mkdir(exist_ok=True)
+    output = logs / f"{step.name}.log"
+    with open(output, "w") as handle:
+        code = subprocess.run(command, env=clean_environment(), stdin=subprocess.DEVNULL, stdout=handle,
+                              stderr=subprocess.STDOUT, check=False).returncode
+    if code:
+        tail = "\n".join(output.read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(f"pipeline step {step.name} failed (exit {code}); the end of its log {output}:\n{tail}")

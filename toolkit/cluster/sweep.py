@@ -292,7 +292,10 @@ class Sweep:
                 ids.append(str(handle.job_id))
                 running.append(handle)
                 self._save()
-            running = [h for h in running if not h.done()]
+            still = [h for h in running if not h.done()]
+            if len(still) < len(running):
+                log.info("%s: %d of %d members finished", self.root, len(ids) - len(still), len(chosen))
+            running = still
             if running:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{self.root}: local members still running after {timeout:g} s")

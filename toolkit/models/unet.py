@@ -36,6 +36,9 @@ class UNetConfig:
     classes: int = 7
     widths: tuple[int, ...] = (64, 128, 256, 512)
     bridge: int = 1024
+    # BatchNorm's running-statistics update rate; the paper's Keras default suits 150 epochs, a few-epoch run (the CPU
+    # demo) needs a faster one, or eval mode normalises with statistics still close to their initial values
+    bn_momentum: float = BN_MOMENTUM
 
     def __post_init__(self) -> None:
         # YAML yields lists; keep the frozen config hashable and comparable.
@@ -43,6 +46,8 @@ class UNetConfig:
         for name, value in (("in_channels", self.in_channels), ("classes", self.classes), ("bridge", self.bridge)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"unet.{name}: expected a positive integer, got {value!r}")
+        if not 0.0 < self.bn_momentum <= 1.0:
+            raise ValueError(f"unet.bn_momentum: expected a value in (0, 1], got {self.bn_momentum!r}")
         if not self.widths or any(not isinstance(w, int) or w < 1 for w in self.widths):
             raise ValueError(f"unet.widths: expected a non-empty list of positive integers, got {self.widths!r}")
 
@@ -150,6 +155,8 @@ class UNet(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
                 he_normal_(module)
+            elif isinstance(module, nn.BatchNorm2d):
+                module.momentum = self.config.bn_momentum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, classes, H, W]`` for images ``[N, in_channels, H, W]`` (H, W divisible by 2**levels)."""

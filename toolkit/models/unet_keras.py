@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from toolkit.models.unet import BN_EPS, BN_MOMENTUM, UNet, UNetConfig
+from toolkit.models.unet import BN_EPS, UNet, UNetConfig
 
 INSTALL_HINT = "pip install -e '.[keras]'"
 
@@ -60,7 +60,7 @@ def build_keras_unet(config: UNetConfig, image_size: int | None, *,
 
     def conv_bn_relu(x: Any, filters: int, conv: str, bn: str) -> Any:
         x = layers.Conv2D(filters, 3, padding="same", kernel_initializer="he_normal", name=conv)(x)
-        x = layers.BatchNormalization(momentum=1 - BN_MOMENTUM, epsilon=BN_EPS, name=bn)(x)
+        x = layers.BatchNormalization(momentum=1 - config.bn_momentum, epsilon=BN_EPS, name=bn)(x)
         return layers.ReLU()(x)
 
     inputs = keras.Input((image_size, image_size, config.in_channels), name="image")
@@ -78,7 +78,7 @@ def build_keras_unet(config: UNetConfig, image_size: int | None, *,
     for i, (width, skip) in enumerate(zip(config.widths[::-1], reversed(skips))):
         x = layers.Conv2DTranspose(width, 3, strides=2, padding="same", kernel_initializer="he_normal",
                                    name=f"dec{i}_up")(x)
-        x = layers.BatchNormalization(momentum=1 - BN_MOMENTUM, epsilon=BN_EPS, name=f"dec{i}_up_bn")(x)
+        x = layers.BatchNormalization(momentum=1 - config.bn_momentum, epsilon=BN_EPS, name=f"dec{i}_up_bn")(x)
         x = layers.Concatenate(axis=-1)([x, skip])
         x = conv_bn_relu(x, width, f"dec{i}_conv0", f"dec{i}_bn0")
         x = conv_bn_relu(x, width, f"dec{i}_conv1", f"dec{i}_bn1")

@@ -13,8 +13,14 @@ at the paper's settings: no VAE encoder, no VGG loss, no instance map, no flippi
 - TTUR: Adam β (0, 0.9), G lr 1e-4, D lr 4e-4; an optional linear decay to zero over the last ``decay_epochs``
   (a pure function of the epoch, so resume needs nothing extra).
 - Multi-process: G and D are DDP-wrapped; SPADE's parameter-free BatchNorm is synchronised across ranks.
-- After every epoch: ``generator.pt`` (what ``generate images`` loads) and a grid of mask / synthetic / real MR on
-  fixed validation rows (the paper's Fig. 7), with the validation L1 error in intensity units as a metric.
+- After every epoch: ``generator.pt`` (what ``generate images`` loads), a grid of mask / synthetic / class mean / real
+  MR on ``samples`` validation rows spread over those with the larger brain areas (the paper's Fig. 7), and image
+  metrics over all non-empty validation pairs: ``val_l1``, ``val_psnr``, ``val_ssim`` of what synthesis writes
+  (eval-mode G, rounded and clipped to [0, max]) against the real MR, and ``baseline_l1``/``_psnr``/``_ssim`` of the
+  class-mean baseline (every mask class painted with its mean training intensity; :mod:`toolkit.train.spade_eval`),
+  the bar SPADE must beat. Means over images, in store intensity units, PSNR and SSIM with the intensity maximum as
+  data range. The baseline's sums are computed once, at start-up; the ranks split the validation rows and sum their
+  shares.
 """
 
 from __future__ import annotations
@@ -37,8 +43,18 @@ from toolkit.report.figures import row_grid
 from toolkit.train.distributed import Dist
 from toolkit.train.loader import EpochBatches, EpochLoader, to_device
 from toolkit.train.loop import LoopConfig
+from toolkit.train.lr import linear_decay, set_lr
 from toolkit.train.precision import Precision
 from toolkit.train.runtime import RuntimeConfig, adam, compiled, prepare_device
+from toolkit.train.spade_eval import (
+    class_means,
+    largest_brains,
+    metric_means,
+    metric_sums,
+    paint,
+    predicted_pairs,
+    validation_loader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +192,7 @@ class SPADETask:
                                               drop_empty=d.drop_empty)], classes=cfg.model.label_nc)
         if len(self.train_set) < cfg.optim.batch:
             raise ValueError(f"{d.store}: {len(self.train_set)} training pairs, fewer than one batch")
-        val = SliceDataset([Source(d.store, "val", drop_empty=True)], classes=cfg.model.label_nc)
-        self.val_batch = val.collate(val.__getitems__(list(range(min(cfg.samples, len(val))))))
+        self._init_validation(cfg, dist)
         log.info("SPADE on %s; intensity max %.0f", self.train_set.describe(), self.intensity_max)
 
         runtime = cfg.runtime
@@ -196,6 +211,22 @@ class SPADETask:
                                                                rank=dist.rank, world_size=dist.world_size),
                                   workers=d.workers, device=dist.device)
 
+    def _init_validation(self, cfg: SPADERunConfig, dist: Dist) -> None:
+        """This rank's share of the non-empty validation pairs (a loader of chunks), the baseline's metric sums over
+        it, and on the main rank the grid's rows."""
+        source = Source(cfg.data.store, "val", drop_empty=True)
+        val = SliceDataset([source], classes=cfg.model.label_nc)
+        if not len(val):
+            raise ValueError(f"{cfg.data.store}: no non-empty validation pairs to evaluate SPADE on")
+        self.val_loader = validation_loader(val, dist, workers=cfg.data.workers)
+        self.class_means = torch.as_tensor(class_means(self.train_set), dtype=torch.float32)
+        log.info("class-mean baseline (training intensities by class): %s", self.class_means.round().tolist())
+        cpu = torch.device("cpu")  # the baseline needs no network: computed here once, whatever the run's device
+        self.baseline_sums = metric_sums(predicted_pairs(self.val_loader, lambda label: paint(self.class_means, label),
+                                                         cpu), self.intensity_max, cpu)
+        self.grid_batch = (val.collate(val.__getitems__(largest_brains(source, cfg.model.label_nc, cfg.samples)))
+                           if dist.is_main else None)
+
     def loop_config(self) -> LoopConfig:
         return self.cfg.loop
 
@@ -203,18 +234,13 @@ class SPADETask:
     def batches_per_epoch(self, epoch: int = 0) -> int:
         return len(self.train_set) // self.cfg.optim.batch
 
-    def lr_scale(self, epoch: int) -> float:
-        """Official linear decay: 1 until the last ``decay_epochs`` epochs, then 1 − k / decay_epochs."""
-        decay = self.cfg.optim.decay_epochs
-        return 1.0 if decay <= 0 else 1.0 - max(0, epoch - (self.cfg.loop.epochs - decay)) / decay
-
     def batches(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
         # The learning rate is a pure function of the epoch, set whenever an epoch's batches are asked for (so also
         # on resume).
-        scale = self.lr_scale(epoch)
-        for optimizer, lr in ((self.opt_G, self.cfg.optim.lr_g), (self.opt_D, self.cfg.optim.lr_d)):
-            for group in optimizer.param_groups:
-                group["lr"] = lr * scale
+        o = self.cfg.optim
+        scale = linear_decay(epoch, self.cfg.loop.epochs, o.decay_epochs)
+        set_lr(self.opt_G, o.lr_g * scale)
+        set_lr(self.opt_D, o.lr_d * scale)
         return self.loader.epoch(epoch, start)
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,23 +256,33 @@ class SPADETask:
         return train_iteration(self.G_net, self.D_net, self.opt_G, self.opt_D, segmap, real,
                                lambda_feat=self.cfg.optim.lambda_feat, precision=self.precision)
 
+    def _synthesise(self, label: torch.Tensor) -> torch.Tensor:
+        """What synthesis writes for labels [N, H, W] on the device: intensities [N, 1, H, W] (float, integral)."""
+        segmap = one_hot(label, self.cfg.model.label_nc).contiguous(memory_format=self.memory_format)
+        return to_uint16(self.G(segmap), self.intensity_max).float()
+
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """End of an epoch: ``generator.pt``, the mask / synthetic / real grid and the validation L1 (intensities)."""
-        segmap, real = self._inputs(self.val_batch)
+        """End of an epoch: ``generator.pt``, the sample grid, and SPADE's and the baseline's validation metrics
+        (the same on every rank: each sums its share of the rows, one all-reduce combines them)."""
+        device = self.dist.device
         self.G.eval()
         try:
-            fake = self.G(segmap)
+            sums = metric_sums(predicted_pairs(self.val_loader, self._synthesise, device), self.intensity_max, device)
+            grid = self._synthesise(self.grid_batch["label"].to(device)) if self.dist.is_main else None
         finally:
             self.G.train()
-        l1 = float((fake.float() - real).abs().mean()) * self.intensity_max / 2
+        sums = self.dist.all_reduce_sum(torch.cat([sums, self.baseline_sums.to(device)]))
         if self.dist.is_main:
             save_generator(self.G, self.cfg.model, {**self.meta, "epoch": epoch}, self.run_dir / GENERATOR)
-            row_grid([("mask", self.val_batch["label"].numpy(), True),
-                      ("synthetic", to_uint16(fake, self.intensity_max)[:, 0].cpu().numpy(), False),
-                      ("real", self.val_batch["image"][:, 0].numpy(), False)],
+            label = self.grid_batch["label"]
+            row_grid([("mask", label.numpy(), True),
+                      ("synthetic", grid[:, 0].cpu().numpy(), False),
+                      ("class mean", paint(self.class_means, label)[:, 0].numpy(), False),
+                      ("real", self.grid_batch["image"][:, 0].numpy(), False)],
                      self.run_dir / "samples" / f"epoch-{epoch:04d}.png", f"SPADE epoch {epoch}")
-        return {"val_l1": l1}
+        half = len(sums) // 2
+        return {**metric_means(sums[:half], "val"), **metric_means(sums[half:], "baseline")}
 
     # --- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
