@@ -336,7 +336,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from toolkit.demo import DemoConfig, run_demo
 
-    report = run_demo(DemoConfig(out=Path(args.out), subjects=args.subjects, workers=args.workers,
+    report = run_demo(DemoConfig(out=Path(args.out), subjects=args.subjects, workers=args.workers, seed=args.seed,
                                  cluster=args.cluster, profile=args.profile))
     print(report)
     return 0
@@ -518,8 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the pipeline on the demo cohort and write OUT/report.md")
     p.add_argument("--out", default="demo-out")
-    p.add_argument("--subjects", type=count, default=8)
+    p.add_argument("--subjects", type=count, default=6)
     p.add_argument("--workers", type=count, default=2)
+    p.add_argument("--seed", type=natural, default=0,
+                   help="seed of the phantom cohort, the split and the generated masks (trainings keep theirs)")
     p.add_argument("--cluster", choices=("local", "slurm"), default="local")
     p.add_argument("--profile", default="local", help="slurm: slurm/profiles/<name>.yaml or a path")
     p.set_defaults(fn=_cmd_demo)

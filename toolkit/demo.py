@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's configs/ (make demo runs from it)
 PAPER_SIZE, PAPER_THRESHOLD = 256, 500.0
 # Wall seconds of each step on the reference 2-core machine (PGAN and SPADE overlap): the progress lines' estimates.
-ESTIMATES = {"prepare": 40.0, "pgan-full": 250.0, "spade-full": 240.0, "swd-full": 25.0, "masks-full": 5.0,
-             "filter-full": 3.0, "images-full": 10.0, "sweep": 320.0, "total": 660.0}
+ESTIMATES = {"prepare": 37.0, "pgan-full": 205.0, "spade-full": 200.0, "swd-full": 20.0, "masks-full": 5.0,
+             "filter-full": 2.0, "images-full": 10.0, "sweep": 290.0, "total": 600.0}
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,12 @@ class DemoConfig:
     """Sizes of the CPU demo: small enough for minutes on 2 cores, large enough to be a real task."""
 
     out: Path
-    subjects: int = 8
+    subjects: int = 6  # 744 training slices: each U-Net epoch ~12 s on one core
     seed: int = 0
     size: int = 64
     workers: int = 2
     swd_images: int = 512
-    masks: int = 1280  # ≈ the real training slices after the filter's ~22 % drops: the sweep's mixes stay balanced
+    masks: int = 940  # ≈ the real training slices after the filter's ~21 % drops: the sweep's mixes stay balanced
     min_std: float = 0.1
     cluster: str = "local"
     profile: str = "local"
