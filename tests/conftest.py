@@ -192,15 +192,16 @@ def _bias_before_batchnorm(key: str, state: dict) -> bool:
     return key.endswith("up.conv.bias")
 
 
-def _update_difference(config: Path, reference: dict, state: dict) -> tuple[float, float]:
+def _update_difference(config: Path, reference: dict, state: dict) -> float:
     """How far U-Net weights ``state`` are from ``reference`` (both trained from ``config``'s initial weights): the
-    norm of their difference relative to the norm of the reference's update, and the largest absolute difference,
-    over the floating-point tensors whose gradient is not exactly 0."""
+    norm of their difference relative to the norm of the reference's update, over the floating-point tensors whose
+    gradient is not exactly 0. (A largest-element bound does not work: Adam's early steps are nearly ±lr for any
+    gradient, so one near-zero gradient whose sign rounding flips moves its weight by 2·lr.)"""
     initial = _unet_initial_state(config)
     keys = [k for k in reference if reference[k].is_floating_point() and not _bias_before_batchnorm(k, reference)]
     diff = sum(float(((state[k] - reference[k]) ** 2).sum()) for k in keys)
     update = sum(float(((reference[k] - initial[k]) ** 2).sum()) for k in keys)
-    return (diff / update) ** 0.5, max(float((state[k] - reference[k]).abs().max()) for k in keys)
+    return (diff / update) ** 0.5
 
 
 @pytest.fixture
@@ -211,7 +212,7 @@ def unet_initial_state():
 
 @pytest.fixture
 def update_difference():
-    """``update_difference(config, reference, state)``: (relative, largest) difference of trained U-Net weights."""
+    """``update_difference(config, reference, state)``: the relative difference of trained U-Net weights."""
     return _update_difference
 
 

@@ -118,9 +118,9 @@ def test_cli_refuses_a_bad_value_with_exit_2_naming_it_and_writes_nothing(tmp_pa
 
 def test_repeated_key_in_a_config_is_refused_naming_file_line_and_key(tmp_path):
     lines = UNET.read_text().splitlines()
-    at = lines.index("  lr: 1.0e-3")
+    at = next(i for i, line in enumerate(lines) if line.startswith("  lr: "))
     path = tmp_path / "repeated.yaml"
-    path.write_text("\n".join([*lines[:at + 1], "  lr: 1.0e-3", *lines[at + 1:]]) + "\n")
+    path.write_text("\n".join([*lines[:at + 1], lines[at], *lines[at + 1:]]) + "\n")
     assert refusal(UNetRunConfig, path) == (f"{path}: not valid YAML: line {at + 2}: duplicate key 'lr' "
                                             f"(first given on line {at + 1})")
 

@@ -96,8 +96,8 @@ def pgan_section(out: Path, branch: str = "full") -> tuple[list[str], list[Check
         f"the paper ran 12,000 kimg at 256², this demo {float(rows[max(rows)]['kimg']):g} kimg).", "",
         *_figure(out, run / "swd.png", "SWD of every tick (the dashed line marks the best)"),
         *_figure(out, run / "samples" / f"{min(rows)}.png", "PGAN masks at tick 0 (colours: the 7 classes)"),
-        *_figure(out, run / "samples" / f"{best}.png", f"PGAN masks at the best tick, {best}: brain outline, "
-                 "tissue layers, tumour blobs"),
+        *(_figure(out, run / "samples" / f"{best}.png", f"PGAN masks at the best tick, {best} (the same latents)")
+          if best != min(rows) else ["Tick 0 is the best tick: the run never improved on its first snapshot.", ""]),
     ]
     return lines, [check]
 

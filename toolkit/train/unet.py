@@ -119,6 +119,20 @@ def build_model(cfg: UNetRunConfig) -> UNet:
     return UNet(network_config(cfg))
 
 
+def training_loss(probs: torch.Tensor, onehot: torch.Tensor, weights: torch.Tensor, ce_weight: float,
+                  global_sum: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The weighted soft Dice loss of softmax ``probs`` against ``onehot`` (both ``[N, C, H, W]``), plus ``ce_weight``
+    × the mean pixel cross-entropy, each from sums over the global batch (``global_sum`` adds a tensor over the ranks,
+    differentiably), so 2 ranks × 4 slices equal 1 process × 8."""
+    intersection, total = soft_sums(probs, onehot)
+    loss = 1 - (weights * dice_from_sums(global_sum(intersection), global_sum(total))).sum()
+    if ce_weight:
+        nll = -(onehot * probs.clamp_min(PROB_FLOOR).log()).sum()
+        pixels = torch.full_like(nll, onehot.shape[0] * onehot.shape[2] * onehot.shape[3])
+        loss = loss + ce_weight * global_sum(nll) / global_sum(pixels)
+    return loss
+
+
 def normalise(image: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:
     """``image / max − mean``: the paper's input scaling."""
     return image / stats["max"] - stats["mean"]
@@ -187,16 +201,8 @@ class UNetTask:
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.net.train()
         probs, onehot = self._forward(batch)
-        intersection, total = soft_sums(probs, onehot)
-        intersection = self.dist.all_reduce_sum(intersection, differentiable=True)
-        total = self.dist.all_reduce_sum(total, differentiable=True)
-        loss = 1 - (self.weights * dice_from_sums(intersection, total)).sum()
-        if self.cfg.loss.ce_weight:
-            # the global batch's mean cross-entropy, reduced like the Dice sums (so 2 ranks × 4 equal 1 × 8)
-            nll = -(onehot * probs.clamp_min(PROB_FLOOR).log()).sum()
-            pixels = torch.full_like(nll, onehot.shape[0] * onehot.shape[2] * onehot.shape[3])
-            nll = self.dist.all_reduce_sum(nll, differentiable=True)
-            loss = loss + self.cfg.loss.ce_weight * nll / self.dist.all_reduce_sum(pixels)
+        loss = training_loss(probs, onehot, self.weights, self.cfg.loss.ce_weight,
+                             lambda t: self.dist.all_reduce_sum(t, differentiable=True))
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.backward(loss)
         self.precision.step(self.optimizer)
