@@ -4,20 +4,20 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO    ?= demo-out
-APT_PKGS := openmpi-bin libopenmpi-dev
+APT_PKGS := openmpi-bin libopenmpi-dev hdf5-tools
 
 .PHONY: all setup system-deps extras horovod demo demo-slurm test lint bench gpu-check clean
 
 all: test
 
-# System packages the Python stack needs: OpenMPI (runtime library and mpirun for mpi4py).
+# System packages: OpenMPI (runtime library and mpirun for mpi4py), HDF5's tools (h5dump reads a gzip store in a test).
 system-deps:
-	@if ! command -v mpirun >/dev/null 2>&1 || ! ldconfig -p | grep -q libmpi.so; then \
+	@if ! command -v mpirun >/dev/null 2>&1 || ! command -v h5dump >/dev/null 2>&1 || ! ldconfig -p | grep -q libmpi.so; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing $(APT_PKGS) with apt-get"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
 	  else \
-	    echo "OpenMPI is missing and this is not root: run 'sudo apt-get install $(APT_PKGS)', then make again" >&2; \
+	    echo "OpenMPI or h5dump is missing and this is not root: run 'sudo apt-get install $(APT_PKGS)', then make again" >&2; \
 	    exit 1; \
 	  fi; \
 	fi

@@ -31,10 +31,14 @@ class EvaluateUNetJob(Job):
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateSWDJob(Job):
-    """``tumorsynth evaluate swd PGAN_RUN --images N`` on all MPI ranks of the job."""
+    """``tumorsynth evaluate swd PGAN_RUN --images N`` on all MPI ranks of the job.
+
+    ``reduced``: the real set, the reduced training prefix (True) or the full training split (False); None: the one
+    the run trained on, as its snapshots record it."""
 
     run_dir: Path
     images: int = 16384
+    reduced: bool | None = None
 
     def log_dir(self) -> Path:
         return Path(self.run_dir)
@@ -42,4 +46,4 @@ class EvaluateSWDJob(Job):
     def run(self) -> dict[str, Any]:
         from toolkit.train.pgan_eval import evaluate_snapshots
 
-        return evaluate_snapshots(Path(self.run_dir), images=self.images)
+        return evaluate_snapshots(Path(self.run_dir), images=self.images, reduced=self.reduced)

@@ -37,7 +37,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     config = PrepareConfig(
         src=Path(args.src), out=Path(args.out), size=args.size, shard_size=args.shard_size, png=args.png,
         split=args.split, seed=args.seed, modality=args.modality, tissue=args.tissue, workers=args.workers,
-        skip_bad=args.skip_bad,
+        skip_bad=args.skip_bad, labels=args.labels, include=tuple(args.include), compression=args.compression,
     )
     result = prepare(config)
 
@@ -46,6 +46,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             return f"{doc['store']}: store is already complete; nothing to do"
         counts = ", ".join(f"{k} {v}" for k, v in doc["splits"].items())
         skipped = f"; skipped {len(doc['skipped'])} bad subjects" if doc["skipped"] else ""
+        if doc.get("unlabelled"):
+            skipped += f"; skipped {len(doc['unlabelled'])} cases without labels"
         return f"{doc['store']}: {counts} slices in {doc['seconds']} s{' (resumed)' if doc['resumed'] else ''}{skipped}"
 
     _emit(args, result_json(result), text)
@@ -55,6 +57,16 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_store(args: argparse.Namespace) -> int:
     from toolkit.data.store import Store, summary, verify
 
+    if {args.out is not None, args.compression is not None} != {args.action == "convert"}:
+        raise ValueError("store convert needs OUT and --compression; store info|verify take neither")
+    if args.action == "convert":
+        from toolkit.data.convert import convert
+
+        doc = convert(Path(args.store), Path(args.out), args.compression).to_json()
+        _emit(args, doc, lambda d: f"{d['store']}: {d['shards']} shards of {d['source']} rewritten with "
+              f"{d['compression']} (was {d['source_compression']}) and verified, {d['pngs']} PNGs copied; "
+              f"{d['bytes'] / 2**20:.1f} MiB of shards (was {d['source_bytes'] / 2**20:.1f} MiB)")
+        return 0
     store = Store(args.store)
     if args.action == "verify":
         problems = verify(store)
@@ -66,8 +78,8 @@ def _cmd_store(args: argparse.Namespace) -> int:
 
 
 def _store_text(doc: dict[str, Any]) -> str:
-    lines = [f"{doc['kind']} store, {doc['format']}, {doc['image_size']}², {doc['classes']} classes, "
-             f"modality {doc['modality']}, intensity max {doc['intensity_max']}"]
+    lines = [f"{doc['kind']} store, {doc['format']}, {doc['compression']}, {doc['image_size']}², "
+             f"{doc['classes']} classes, modality {doc['modality']}, intensity max {doc['intensity_max']}"]
     for split, n in doc["splits"].items():
         lines.append(f"  {split:5s} {n:7d} slices ({doc['empty'][split]} empty masks)")
     lines.append(f"  reduced {doc['reduced']} (prefix of train)")
@@ -241,6 +253,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_nnunet(args: argparse.Namespace) -> int:
+    from toolkit.export.nnunet import export_nnunet
+
+    doc = export_nnunet(Path(args.store), Path(args.out), dataset_id=args.id, name=args.name, classes=args.classes,
+                        synthetic=Path(args.synthetic) if args.synthetic else None, synthetic_n=args.synthetic_n)
+    _emit(args, doc, lambda d: f"{d['dataset']}: {d['numTraining']} training cases ({d['real']} real + "
+          f"{d['synthetic']} synthetic), {d['test']} test cases, {d['classes']} classes; next: "
+          f"nnUNetv2_plan_and_preprocess -d {d['id']} --verify_dataset_integrity")
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     if args.kind == "images":
         from toolkit.train.synthesis import generate_images
@@ -351,6 +374,11 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = load(PipelineConfig, Path(args.config), tuple(args.set))
     if args.profile:
         cfg = replace(cfg, profile=args.profile)
+    if args.action == "plan":  # a dry run: nothing is run, submitted or written
+        from toolkit.cluster.plan import plan, table
+
+        _emit(args, plan(cfg, args.cluster), table)
+        return 0
     result = run_pipeline(cfg, args.cluster)
     _emit(args, result, lambda d: "\n".join(f"{k}: {v}" for k, v in d["jobs"].items()))
     return 0
@@ -418,12 +446,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tissue", choices=("auto", "fast", "hmrf", "none"), default="auto")
     p.add_argument("--workers", type=count, default=1)
     p.add_argument("--skip-bad", action="store_true", help="skip invalid subjects (listed in the manifest)")
+    p.add_argument("--labels", choices=("brats2018", "brats2023", "msd"), default=None,
+                   help="what the seg labels mean (default: inferred from the cohort's layout)")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="keep only subjects whose name or folder under SRC matches (repeatable), e.g. HGG")
+    p.add_argument("--compression", choices=("blosc-lz4", "gzip", "none"), default="blosc-lz4",
+                   help="shard codec (default blosc-lz4: fastest, needs hdf5plugin; gzip: any HDF5 tool reads it)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_prepare)
 
-    p = sub.add_parser("store", help="summarise or verify a store")
-    p.add_argument("action", choices=("info", "verify"))
+    p = sub.add_parser("store", help="summarise, verify or convert a store")
+    p.add_argument("action", choices=("info", "verify", "convert"))
     p.add_argument("store")
+    p.add_argument("out", nargs="?", help="convert: the new store (must not exist)")
+    p.add_argument("--compression", choices=("gzip", "blosc-lz4", "none"),
+                   help="convert: the new store's shard codec (gzip: any HDF5 tool reads it)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_store)
 
@@ -458,8 +495,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_evaluate)
 
-    p = sub.add_parser("export", help="unet: a run's best model as a standalone Keras, ONNX or TorchScript file")
-    p.add_argument("model", choices=("unet",))
+    p = sub.add_parser("export", help="unet: a run's best model as a standalone Keras, ONNX or TorchScript file; "
+                       "nnunet: a store's training mix as an nnU-Net v2 raw dataset")
+    exports = p.add_subparsers(dest="model", required=True)
+    p = exports.add_parser("nnunet", help="real (+ synthetic) store rows as OUT/DatasetNNN_NAME for nnU-Net v2")
+    p.add_argument("store", help="the real store: train + val become imagesTr/labelsTr, test imagesTs/labelsTs")
+    p.add_argument("out", help="nnU-Net's raw folder ($nnUNet_raw)")
+    p.add_argument("--synthetic", help="synthetic store whose train rows join the training cases")
+    p.add_argument("--synthetic-n", type=natural, help="only its first N pairs (default: all)")
+    p.add_argument("--id", type=_number(Annotated[int, Range(ge=1, le=999)]), required=True,
+                   help="nnU-Net dataset id, 1…999 (custom datasets: 500 and up)")
+    p.add_argument("--name", required=True, help="dataset name (letters, digits, '_', '-')")
+    p.add_argument("--classes", type=int, choices=(7, 4, 2), required=True, help="class view of the labels")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_export_nnunet)
+    p = exports.add_parser("unet", help="a run's best model as a standalone Keras, ONNX or TorchScript file")
     p.add_argument("run")
     p.add_argument("--format", required=True, choices=("keras", "onnx", "torchscript"))
     p.add_argument("--out", required=True, help="output file (keras: must end in .keras)")
@@ -526,8 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="local", help="slurm: slurm/profiles/<name>.yaml or a path")
     p.set_defaults(fn=_cmd_demo)
 
-    p = sub.add_parser("pipeline", help="the whole data flow as dependent jobs (local: run here; slurm: queue)")
-    p.add_argument("action", choices=("run",))
+    p = sub.add_parser("pipeline", help="the whole data flow as dependent jobs (local: run here; slurm: queue); "
+                       "plan: what run would do, without running or submitting anything")
+    p.add_argument("action", choices=("run", "plan"))
     p.add_argument("config", help="configs/pipeline/*.yaml")
     p.add_argument("--cluster", choices=("local", "slurm"), default="local")
     p.add_argument("--profile", help="override the config's profile")

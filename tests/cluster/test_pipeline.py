@@ -126,8 +126,16 @@ def test_the_paper_pipeline_config_builds_both_branches_in_dependency_order(tmp_
         assert all(names.index(parent) < names.index(step.name) for parent in step.after), step.name
     by_name = {s.name: s for s in slurm}
     assert by_name["images-reduced"].after == ("filter-reduced", "spade-reduced")
-    assert by_name["filter-reduced"].job.reduced and not by_name["filter-full"].job.reduced
-    assert "data.reduced=true" in by_name["pgan-reduced"].job.overrides
+    # every reduced step reads the reduced prefix, every full one the whole training split
+    for b, flag in (("reduced", True), ("full", False)):
+        assert f"data.reduced={str(flag).lower()}" in by_name[f"pgan-{b}"].job.overrides
+        assert f"data.reduced={str(flag).lower()}" in by_name[f"spade-{b}"].job.overrides
+        assert by_name[f"swd-{b}"].job.reduced is flag and by_name[f"filter-{b}"].job.reduced is flag
+    # the paper: 250 SPADE epochs on the reduced set (before the pipeline's data keys, which no override may name)
+    assert by_name["spade-reduced"].job.overrides[-3:] == ("loop.epochs=250", f"data.store={cfg.out}/store",
+                                                           "data.reduced=true")
+    assert not any("epochs" in o for o in by_name["spade-full"].job.overrides)
+    assert by_name["prepare"].job.config.include == ("HGG/*",) and cfg.subjects == "HGG/*"  # the 210 HGG subjects
     # the v100 profile's 2 tasks: DDP training on SLURM, one process locally; MPI steps take cfg.ranks
     assert by_name["pgan-full"].tasks == 2 and by_name["pgan-full"].job.backend == "ddp"
     assert {s.name: s.tasks for s in local}["pgan-full"] == 1 and by_name["swd-full"].tasks == cfg.ranks == 4

@@ -1,6 +1,8 @@
 """`tumorsynth pipeline run CONFIG --cluster local|slurm`: the whole data flow (DESIGN §2) as dependent jobs.
 
-Per branch (``full`` trains the generators on the whole real training split, ``reduced`` on its first 20 %):
+Per branch (``full`` trains the generators on the whole real training split, ``reduced`` on its first 20 %, and
+every reduced step reads only that prefix: the PGAN and SPADE through ``data.reduced``, the SWD evaluation and the
+filter through their ``reduced`` option):
 
     prepare → pgan → swd (MPI) → masks → filter (MPI) ┐
             └──────────────→ spade ───────────────────┴→ images ─→ sweep (all branches) → report
@@ -18,7 +20,9 @@ A failed step stops new starts; the steps still running finish (their outputs st
 Each step, and the sweep, logs a line when it starts and one when it ends, with the time since the run started and,
 given ``estimates``, about how long the rest will take. Either way a step whose output is complete is skipped (and on
 ``slurm`` one whose job from an earlier run is still queued keeps that job), so running a pipeline again resumes it;
-the jobs themselves resume from their checkpoints and finished shards. Everything lives under ``out``: ``store/``,
+the jobs themselves resume from their checkpoints and finished shards. ``tumorsynth pipeline plan``
+(:mod:`toolkit.cluster.plan`) shows what a run would do, without running or submitting anything. Everything lives
+under ``out``: ``store/``,
 ``runs/{pgan,spade}-<b>/``, ``stores/{masks,kept,synthetic}-<b>/``, ``sweep/`` and ``.pipeline/`` (pickled jobs for
 ``python -m jobs``, step and submitit logs, ``jobs.json`` with the job ids). ``.pipeline/`` is private (0700,
 owner-checked: it holds pickles, which run as code). A run holds its lock throughout, so a second run of the same
@@ -62,12 +66,35 @@ log = logging.getLogger(__name__)
 BRANCHES = ("full", "reduced")
 
 
+PIPELINE_KEYS = ("data.store", "data.reduced")  # what the pipeline sets in every training config itself
+
+
 @dataclass(frozen=True)
 class TrainStep:
-    """A training step: its YAML config and overrides (the pipeline adds the data paths)."""
+    """A training step: its YAML config, overrides for every branch (``set``) and for one branch only (``branches``:
+    branch → overrides, applied after ``set``; e.g. ``{reduced: [loop.epochs=250]}``). The pipeline then adds the data
+    paths (:data:`PIPELINE_KEYS`), which a branch's overrides may therefore not name."""
 
     config: Path
     set: tuple[str, ...] = ()
+    branches: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.branches if b not in BRANCHES]
+        if unknown:
+            raise ValueError(f"branches: {unknown} are not among {BRANCHES}")
+        for branch, overrides in self.branches.items():
+            for item in overrides:
+                key, sep, _ = item.partition("=")
+                if not sep or not key.strip():
+                    raise ValueError(f"branches.{branch}: expected key.path=value, got {item!r}")
+                if key.strip() in PIPELINE_KEYS:
+                    raise ValueError(f"branches.{branch}: {key.strip()} is set by the pipeline itself")
+
+    def overrides(self, branch: str, store: Path) -> tuple[str, ...]:
+        """The ``--set`` overrides of this step in ``branch``: ``set``, the branch's own, then the pipeline's data."""
+        reduced = "true" if branch == "reduced" else "false"
+        return (*self.set, *self.branches.get(branch, ()), f"data.store={store}", f"data.reduced={reduced}")
 
 
 @dataclass(frozen=True)
@@ -77,7 +104,8 @@ class PipelineConfig:
     ``parallel`` (local only; SLURM ignores it): how many cores the local steps may use at once, one per process of
     a step. ``estimates``: expected seconds per step name (e.g. measured on a reference machine), ``sweep`` for the
     sweep and optionally ``total`` for the whole run's wall time (else their sum): the progress lines' "about m:ss
-    left".
+    left". ``subjects``: which subjects of ``cohort`` the ``prepare`` step ingests, a glob of their folder under it
+    (``HGG/*``: BraTS 2018's 210 high-grade subjects) or of their names; None ingests them all.
     """
 
     out: Path
@@ -98,8 +126,11 @@ class PipelineConfig:
     seed: NonNegativeInt = 0
     parallel: PositiveInt = 1
     estimates: tuple[tuple[str, PositiveFloat], ...] = ()
+    subjects: str | None = None
 
     def __post_init__(self) -> None:
+        if self.subjects is not None and not self.subjects.strip():
+            raise ValueError("subjects: expected a non-empty glob (e.g. HGG/*) or null for every subject")
         if self.size < 8 or self.size & (self.size - 1):
             raise ValueError(f"size: expected a power of two ≥ 8, got {self.size}")
         unknown = [b for b in self.branches if b not in BRANCHES]
@@ -131,29 +162,40 @@ def steps(cfg: PipelineConfig, cluster: str = "local") -> list[Step]:
     gpus = 1 if cluster == "local" else profile.tasks_per_node
     backend = profile.training_backend(cluster)
     manifest = lambda path: (lambda: (path / "manifest.json").exists())  # noqa: E731
-    result = [Step("prepare", PrepareJob(PrepareConfig(src=Path(cfg.cohort), out=store, size=cfg.size,
-                                                       seed=cfg.seed, workers=cfg.workers)), (), manifest(store))]
+    result = [Step("prepare", PrepareJob(prepare_config(cfg, store)), (), manifest(store))]
     for b in cfg.branches:
-        reduced = "true" if b == "reduced" else "false"
         pgan, spade = out / "runs" / f"pgan-{b}", out / "runs" / f"spade-{b}"
         masks, kept, synthetic = (out / "stores" / f"{kind}-{b}" for kind in ("masks", "kept", "synthetic"))
         result += [
-            Step(f"pgan-{b}", TrainJob("pgan", Path(cfg.pgan.config), pgan, (
-                *cfg.pgan.set, f"data.store={store}", f"data.reduced={reduced}"), backend), ("prepare",),
-                 lambda d=pgan: (d / "DONE").exists(), tasks=gpus),
-            Step(f"swd-{b}", EvaluateSWDJob(pgan, images=cfg.swd_images), (f"pgan-{b}",),
+            Step(f"pgan-{b}", TrainJob("pgan", Path(cfg.pgan.config), pgan, cfg.pgan.overrides(b, store), backend),
+                 ("prepare",), lambda d=pgan: (d / "DONE").exists(), tasks=gpus),
+            Step(f"swd-{b}", EvaluateSWDJob(pgan, images=cfg.swd_images, reduced=b == "reduced"), (f"pgan-{b}",),
                  lambda d=pgan: (d / "snapshots" / "best").exists(), tasks=cfg.ranks),
             Step(f"masks-{b}", GenerateMasksJob(pgan, cfg.masks, masks, seed=cfg.seed), (f"swd-{b}",), manifest(masks)),
             Step(f"filter-{b}", FilterJob(store, masks, kept, threshold=cfg.threshold, reduced=b == "reduced",
                                           min_std=cfg.min_std),
                  (f"masks-{b}",), manifest(kept), tasks=cfg.ranks),
-            Step(f"spade-{b}", TrainJob("spade", Path(cfg.spade.config), spade, (
-                *cfg.spade.set, f"data.store={store}", f"data.reduced={reduced}"), backend), ("prepare",),
-                 lambda d=spade: (d / "DONE").exists(), tasks=gpus),
+            Step(f"spade-{b}", TrainJob("spade", Path(cfg.spade.config), spade, cfg.spade.overrides(b, store),
+                                        backend), ("prepare",), lambda d=spade: (d / "DONE").exists(), tasks=gpus),
             Step(f"images-{b}", GenerateImagesJob(spade, kept, synthetic), (f"filter-{b}", f"spade-{b}"),
                  manifest(synthetic)),
         ]
     return result
+
+
+def prepare_config(cfg: PipelineConfig, store: Path) -> PrepareConfig:
+    """The ``prepare`` step's options: the cohort into ``store`` at the pipeline's size, seed and workers, and only
+    the subjects ``cfg.subjects`` selects (prepare's ``include``, given only when set)."""
+    selection = {"include": (cfg.subjects,)} if cfg.subjects is not None else {}
+    return PrepareConfig(src=Path(cfg.cohort), out=store, size=cfg.size, seed=cfg.seed, workers=cfg.workers,
+                         **selection)
+
+
+def sweep_variables(cfg: PipelineConfig) -> dict[str, str]:
+    """The sweep file's variables: ``real``, ``synthetic_<branch>`` and ``synthetic`` (the first branch's store)."""
+    out = Path(cfg.out)
+    stores = {f"synthetic_{b}": str((out / "stores" / f"synthetic-{b}").resolve()) for b in cfg.branches}
+    return {"real": str((out / "store").resolve()), "synthetic": stores[f"synthetic_{cfg.branches[0]}"], **stores}
 
 
 def run_pipeline(cfg: PipelineConfig, cluster: str, *, sweep_timeout: float = 24 * 3600) -> dict[str, Any]:
@@ -206,8 +248,7 @@ def _run(cfg: PipelineConfig, cluster: str, state: Path, sweep_timeout: float) -
         log.info("pipeline: %s queued as job %s (after %s)", step.name, submitted[step.name], parents or "nothing")
     schedule(todo, cfg.parallel, state, progress=progress, finished=ran)
     images = [submitted[f"images-{b}"] for b in cfg.branches if submitted[f"images-{b}"] not in ("done", "ran")]
-    stores = {f"synthetic_{b}": str((out / "stores" / f"synthetic-{b}").resolve()) for b in cfg.branches}
-    variables = {"real": str((out / "store").resolve()), "synthetic": stores[f"synthetic_{cfg.branches[0]}"], **stores}
+    variables = sweep_variables(cfg)
     if local:
         progress.started("sweep")
     with Sweep.create(Path(cfg.sweep), out / "sweep", cluster, cfg.profile, tuple(cfg.sweep_set),

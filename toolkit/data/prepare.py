@@ -1,5 +1,12 @@
 """`tumorsynth prepare`: a BraTS cohort of NIfTI volumes → a real store (sharded HDF5 + PNG export).
 
+Cohorts come in the layouts :mod:`toolkit.data.nifti` discovers (BraTS 2018–2021, BraTS 2023+, the Decathlon's
+Task01_BrainTumour); the layout decides what the seg labels mean (:mod:`toolkit.data.labels`), unless ``labels``
+(``--labels``) says otherwise. A cohort mixing layouts is refused unless ``labels`` is given. ``include``
+(``--include GLOB``) selects subjects by name or by their folder under SRC. The manifest's provenance records the
+layout, the label convention and where it came from, the voxel axis codes the volumes came in, the resection-cavity
+voxels mapped to tissue (brats2023) and the cases skipped for want of a label (MSD).
+
 The run holds the store's lock (:class:`StoreWriter`) throughout and, before it writes anything, records the options
 that define the store's content with a fingerprint of the cohort (its subjects and their files): a resume with other
 ones, or a complete store asked for with other ones, is refused naming the option. Two resumable phases under the
@@ -22,12 +29,15 @@ again.
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import hashlib
 import io
 import json
 import logging
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +48,30 @@ from tqdm import tqdm
 
 from toolkit import __version__
 from toolkit.atomic import write_bytes
-from toolkit.data.labels import compose_mask
-from toolkit.data.nifti import MODALITIES, NiftiError, Subject, discover, load_subject
+from toolkit.data.labels import CONVENTIONS, compose_mask, resection_cavity, tumour_classes
+from toolkit.data.nifti import (
+    MODALITIES,
+    MSD_LABEL_NAMES,
+    Cohort,
+    NiftiError,
+    Subject,
+    discover_cohort,
+    load_subject,
+)
 from toolkit.data.png import png_name, write_png
-from toolkit.data.slicing import axial_slices, to_uint16
+from toolkit.data.slicing import BRATS_AXCODES, axial_slices, to_uint16
 from toolkit.data.split import MODES, plan_split
-from toolkit.data.store import OPTIONS, PROGRESS, Manifest, StoreWriter, complete, shard_name, tidy
+from toolkit.data.store import (
+    CODECS,
+    DEFAULT_CODEC,
+    OPTIONS,
+    PROGRESS,
+    Manifest,
+    StoreWriter,
+    complete,
+    shard_name,
+    tidy,
+)
 from toolkit.data.tissue import segment_tissue
 from toolkit.lock import LOCK, WriterLock
 from toolkit.parallel import parallel_map
@@ -60,7 +88,15 @@ class PrepareError(Exception):
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """Options of one ingest; all but ``workers`` and ``skip_bad`` must match when a run is resumed."""
+    """Options of one ingest; all but ``workers`` and ``skip_bad`` must match when a run is resumed.
+
+    ``labels``: the label convention of the seg volumes (one of :data:`~toolkit.data.labels.CONVENTIONS`), None to
+    infer it from the cohort's layout. ``include``: glob patterns (``fnmatch``, case-sensitive) selecting subjects; a
+    subject is kept when any pattern matches its name, its folder's path under ``src`` (an MSD case:
+    ``<folder>/<name>``), or a folder above it there (its path under ``src`` or its name), so ``("HGG",)`` (also with
+    ``src`` one level above the HGG/ folder), ``("HGG/*",)`` and ``("Brats18_TCIA*",)`` all work; empty keeps every
+    subject. A pattern matching no subject is an error.
+    """
 
     src: Path
     out: Path
@@ -73,8 +109,14 @@ class PrepareConfig:
     tissue: str = "auto"
     workers: int = 1
     skip_bad: bool = False
+    labels: str | None = None
+    include: tuple[str, ...] = ()
+    compression: str = DEFAULT_CODEC  # the shards' codec (toolkit.data.store.CODECS); gzip for plain HDF5 tools
 
     def __post_init__(self) -> None:
+        if isinstance(self.include, str):  # one pattern given bare, as YAML or a caller may
+            object.__setattr__(self, "include", (self.include,))
+        object.__setattr__(self, "include", tuple(self.include))
         checks = {
             "split": (self.split in MODES, f"one of {MODES}"),
             "modality": (self.modality in MODALITIES, f"one of {MODALITIES}"),
@@ -82,6 +124,9 @@ class PrepareConfig:
             "size": (self.size >= 8 and not self.size & (self.size - 1), "a power of two ≥ 8"),
             "shard_size": (self.shard_size >= 1, "≥ 1"),
             "workers": (self.workers >= 1, "≥ 1"),
+            "labels": (self.labels is None or self.labels in CONVENTIONS, f"one of {CONVENTIONS}"),
+            "include": (all(isinstance(p, str) and p for p in self.include), "non-empty glob patterns"),
+            "compression": (self.compression in CODECS, f"one of {CODECS}"),
         }
         for name, (ok, expected) in checks.items():
             if not ok:
@@ -94,7 +139,15 @@ class PrepareConfig:
     def identity(self) -> dict[str, Any]:
         """The options that define the store's content (with the cohort's fingerprint, compared on resume)."""
         keys = ("size", "shard_size", "png", "split", "seed", "modality", "tissue")
-        return {"src": str(Path(self.src).resolve()), **{k: getattr(self, k) for k in keys}}
+        identity = {"src": str(Path(self.src).resolve()), **{k: getattr(self, k) for k in keys}}
+        # Recorded only when set, so that the stores made before these options existed still match their re-runs.
+        if self.labels is not None:
+            identity["labels"] = self.labels
+        if self.include:
+            identity["include"] = list(self.include)
+        if self.compression != DEFAULT_CODEC:
+            identity["compression"] = self.compression
+        return identity
 
 
 @dataclass(frozen=True)
@@ -113,9 +166,15 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     start = time.perf_counter()
     out = Path(config.out)
     try:
-        subjects = discover(Path(config.src))
+        cohort = discover_cohort(Path(config.src))
     except NiftiError as err:
         raise PrepareError(str(err)) from None
+    subjects = select_subjects(cohort.subjects, config.include, Path(config.src))
+    cohort = dataclasses.replace(cohort, subjects=subjects, unlabelled=tuple(
+        case for case in cohort.unlabelled if not config.include or _selected(
+            _selection_keys(case["subject"], Path(case["file"]).parent / case["subject"], Path(config.src)),
+            config.include)))
+    convention = _convention(cohort, config)
     options = {**config.identity(), "cohort": cohort_fingerprint(subjects, Path(config.src))}
     if complete(out, options) is not None:  # made with other options: OptionsChanged names them
         if any((out / name).exists() for name in (WORK, PROGRESS, OPTIONS)):  # a kill right after the manifest
@@ -124,12 +183,16 @@ def prepare(config: PrepareConfig) -> PrepareResult:
         return PrepareResult(out, None, resumed=False, already_complete=True, seconds=time.perf_counter() - start)
     _refuse_foreign(out)
     created = not out.exists()
-    writer = StoreWriter(out, classes=config.classes, options=options, scratch=(WORK,))
+    writer = StoreWriter(out, classes=config.classes, options=options, scratch=(WORK,),
+                         compression=config.compression)
     if writer.resumed:
         log.info("%s: resuming an incomplete store", out)
+    if cohort.unlabelled:
+        log.warning("%s: skipping %d cases without a label (e.g. %s); listed in the manifest's provenance.unlabelled",
+                    config.src, len(cohort.unlabelled), cohort.unlabelled[0]["file"])
     try:
-        ingested, skipped = _ingest_subjects(subjects, config, out / WORK)
-        manifest = _write_store(writer, ingested, skipped, config)
+        ingested, skipped = _ingest_subjects(subjects, config, convention, out / WORK)
+        manifest = _write_store(writer, ingested, skipped, config, _provenance(cohort, config, convention, ingested))
     except NiftiError as err:
         if not writer.resumed:
             _discard(out, created)
@@ -138,6 +201,61 @@ def prepare(config: PrepareConfig) -> PrepareResult:
         writer.close()
     return PrepareResult(out, manifest, resumed=writer.resumed, already_complete=False,
                          seconds=time.perf_counter() - start)
+
+
+def select_subjects(subjects: list[Subject], include: tuple[str, ...], src: Path) -> list[Subject]:
+    """The subjects that ``include`` selects (see :class:`PrepareConfig`); all of them when it is empty.
+
+    Raises PrepareError naming a pattern that matches no subject (a typo would otherwise drop subjects silently).
+    """
+    if not include:
+        return subjects
+    keys = {s.name: _selection_keys(s.name, s.folder / s.name if s.layout == "msd" else s.folder, src)
+            for s in subjects}
+    unmatched = [p for p in include if not any(_selected(ks, (p,)) for ks in keys.values())]
+    if unmatched:
+        raise PrepareError(f"option --include {unmatched[0]!r} matches no subject under {src} (patterns match a "
+                           "subject's name or its folder's path under SRC, e.g. 'HGG' or 'HGG/*')")
+    chosen = [s for s in subjects if _selected(keys[s.name], include)]
+    log.info("--include %s: %d of %d subjects", " ".join(include), len(chosen), len(subjects))
+    return chosen
+
+
+def _selection_keys(name: str, path: Path, src: Path) -> list[str]:
+    """What an ``include`` pattern is matched against: the subject's name, its ``path`` under ``src`` (a BraTS
+    subject's folder; an MSD case's folder / name), each folder above it there by path and by name."""
+    try:
+        rel = Path(path).relative_to(src)
+    except ValueError:
+        rel = Path(Path(path).name)
+    parts = [p for p in rel.parts if p != "."]
+    return [name, *("/".join(parts[:i]) for i in range(1, len(parts) + 1)), *parts[:-1]]
+
+
+def _selected(keys: list[str], include: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for key in keys for pattern in include)
+
+
+def _convention(cohort: Cohort, config: PrepareConfig) -> str:
+    """The label convention in force: ``config.labels``, else the one the layout of the (selected) cohort implies."""
+    if config.labels is not None:
+        return config.labels
+    layouts = cohort.layouts
+    if len(layouts) > 1:
+        examples = ", ".join(f"{layout} (e.g. {next(s.name for s in cohort.subjects if s.layout == layout)})"
+                             for layout in layouts)
+        raise PrepareError(f"{config.src}: holds subjects of more than one release layout: {examples}; their labels "
+                           "mean different things, so prepare each release into its own store (select one with "
+                           "--include), or say what every label means with --labels")
+    layout = layouts[0]
+    if layout == "msd" and cohort.label_names is not None:
+        names = {str(k): str(v).lower().replace("oedema", "edema") for k, v in cohort.label_names.items()}
+        expected = {k: v.replace("tumour", "").replace("tumor", "").strip() for k, v in MSD_LABEL_NAMES.items()}
+        if any(not names.get(k, "").startswith(v) for k, v in expected.items()):
+            raise PrepareError(f"{cohort.meta}: field 'labels' = {cohort.label_names} is not Task01_BrainTumour's "
+                               "(1 edema, 2 non-enhancing tumour, 3 enhancing tumour); say what the labels mean with "
+                               f"--labels ({', '.join(CONVENTIONS)})")
+    return layout
 
 
 def cohort_fingerprint(subjects: list[Subject], src: Path) -> str:
@@ -173,15 +291,15 @@ def _discard(out: Path, created: bool) -> None:
             entry.unlink()
 
 
-def _ingest_subjects(subjects: list[Subject], config: PrepareConfig,
-                     work: Path) -> tuple[list[tuple[str, int]], list[dict[str, str]]]:
-    """Phase 1 over all subjects; returns (name, slice count) of the good ones and the skipped ones."""
+def _ingest_subjects(subjects: list[Subject], config: PrepareConfig, convention: str,
+                     work: Path) -> tuple[list[tuple[str, int, dict[str, Any]]], list[dict[str, str]]]:
+    """Phase 1 over all subjects; returns (name, slice count, facts) of the good ones and the skipped ones."""
     ingested, skipped = [], []
-    jobs = [(subject, config, work) for subject in subjects]
+    jobs = [(subject, config, convention, work) for subject in subjects]
     results = parallel_map(_ingest_one, jobs, config.workers, desc="subjects")
-    for subject, (depth, error) in zip(subjects, results):
+    for subject, (depth, facts, error) in zip(subjects, results):
         if error is None:
-            ingested.append((subject.name, depth))
+            ingested.append((subject.name, depth, facts))
             continue
         if not config.skip_bad:
             raise error
@@ -192,16 +310,20 @@ def _ingest_subjects(subjects: list[Subject], config: PrepareConfig,
     return ingested, skipped
 
 
-def _ingest_one(job: tuple[Subject, PrepareConfig, Path]) -> tuple[int, NiftiError | None]:
-    """Phase 1 for one subject; returns (slice count, None) or (0, the validation error)."""
-    subject, config, work = job
+def _ingest_one(job: tuple[Subject, PrepareConfig, str, Path]) -> tuple[int, dict[str, Any], NiftiError | None]:
+    """Phase 1 for one subject; returns (slice count, facts, None) or (0, {}, the validation error). The facts (source
+    orientation, resection-cavity voxels) are saved beside the slices, before them, so a resume finds them."""
+    subject, config, convention, work = job
     image_path, label_path = work / f"{subject.name}.image.npy", work / f"{subject.name}.label.npy"
+    facts_path = work / f"{subject.name}.facts.json"
     if image_path.exists() and label_path.exists():
-        return int(np.load(label_path, mmap_mode="r").shape[0]), None
+        facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
+        return int(np.load(label_path, mmap_mode="r").shape[0]), facts, None
     try:
-        image, mask = _subject_mask(subject, config)
+        image, mask, facts = _subject_mask(subject, config, convention)
     except NiftiError as err:
-        return 0, err
+        return 0, {}, err
+    write_bytes(facts_path, json.dumps(facts).encode())
     for path, array in ((image_path, axial_slices(image, config.size, labels=False)),
                         (label_path, axial_slices(mask, config.size, labels=True, classes=config.classes))):
         # Saved to memory, then written by Python: numpy writes a real file with C fwrite, and reports a full disk as a
@@ -209,11 +331,12 @@ def _ingest_one(job: tuple[Subject, PrepareConfig, Path]) -> tuple[int, NiftiErr
         buffer = io.BytesIO()
         np.save(buffer, array)
         write_bytes(path, buffer.getvalue())
-    return int(image.shape[2]), None
+    return int(image.shape[2]), facts, None
 
 
-def _subject_mask(subject: Subject, config: PrepareConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The subject's MR volume (uint16) and stored-class mask volume."""
+def _subject_mask(subject: Subject, config: PrepareConfig,
+                  convention: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The subject's MR volume (uint16) and stored-class mask volume, in BraTS' voxel layout, and its facts."""
     use_fast = config.tissue == "fast" or (config.tissue == "auto" and "fast" in subject.files)
     tissue_role = "t1" if "t1" in subject.files else "t1ce"
     roles = [config.modality, "seg"]
@@ -221,7 +344,7 @@ def _subject_mask(subject: Subject, config: PrepareConfig) -> tuple[np.ndarray, 
         roles.append("fast")
     elif config.tissue != "none" and tissue_role not in roles:
         roles.append(tissue_role)
-    volumes = load_subject(subject, roles)
+    volumes = load_subject(subject, roles, convention)
     image = to_uint16(volumes[config.modality].data, volumes[config.modality].file)
     seg = volumes["seg"].data
     if config.tissue == "none":
@@ -231,16 +354,53 @@ def _subject_mask(subject: Subject, config: PrepareConfig) -> tuple[np.ndarray, 
     else:
         reference = volumes[tissue_role].data
         brain = (reference > 0) | (image > 0) | (seg > 0)
-        tissue = segment_tissue(reference, brain, exclude=seg > 0)
-    return image, compose_mask(seg, tissue)
+        # A resection cavity is segmented with the tissue (its voxels take the tissue class found there).
+        tissue = segment_tissue(reference, brain, exclude=tumour_classes(seg, convention) > 0)
+    source = volumes["seg"]
+    facts: dict[str, Any] = {"orientation": source.orientation, "reoriented": source.reoriented,
+                             "identity_header": source.identity_header}
+    if convention == "brats2023":
+        facts["resection_cavity_voxels"] = int(resection_cavity(seg, convention).sum())
+        if facts["resection_cavity_voxels"]:
+            log.debug("%s: %d resection-cavity voxels mapped to the tissue underneath", source.file,
+                      facts["resection_cavity_voxels"])
+    return image, compose_mask(seg, tissue, convention), facts
 
 
-def _write_store(writer: StoreWriter, ingested: list[tuple[str, int]], skipped: list[dict[str, str]],
-                 config: PrepareConfig) -> Manifest:
+def _provenance(cohort: Cohort, config: PrepareConfig, convention: str,
+                ingested: list[tuple[str, int, dict[str, Any]]]) -> dict[str, Any]:
+    """What the manifest records of the source beyond the options: layout, label convention, orientation,
+    resection-cavity voxels (brats2023), unlabelled cases (MSD). Logs the resection-cavity warning."""
+    facts = {name: f for name, _, f in ingested}
+    doc: dict[str, Any] = {
+        "layout": "+".join(cohort.layouts),
+        "labels": {"convention": convention, "from": "--labels" if config.labels else "layout"},
+        "orientation": {
+            "target": "".join(BRATS_AXCODES),
+            "source": dict(sorted(Counter(f["orientation"] for f in facts.values() if "orientation" in f).items())),
+            "reoriented": sorted(n for n, f in facts.items() if f.get("reoriented")),
+            "identity_header_read_as_brats": sum(bool(f.get("identity_header")) for f in facts.values()),
+        },
+    }
+    if convention == "brats2023":
+        cavities = {n: f["resection_cavity_voxels"] for n, f in facts.items() if f.get("resection_cavity_voxels")}
+        doc["resection_cavity_voxels"] = sum(cavities.values())
+        doc["resection_cavity_subjects"] = dict(sorted(cavities.items()))
+        if cavities:
+            log.warning("%d resection-cavity voxels (label 4, BraTS 2024 post-treatment) in %d subjects are no tumour "
+                        "class: mapped to the tissue underneath (background where there is none); counted in the "
+                        "manifest's provenance.resection_cavity_voxels", doc["resection_cavity_voxels"], len(cavities))
+    if cohort.unlabelled:
+        doc["unlabelled"] = list(cohort.unlabelled)
+    return doc
+
+
+def _write_store(writer: StoreWriter, ingested: list[tuple[str, int, dict[str, Any]]], skipped: list[dict[str, str]],
+                 config: PrepareConfig, source: dict[str, Any]) -> Manifest:
     """Phase 2: split, write shards, export PNGs, write the manifest (which removes the work folder)."""
     out, work = Path(config.out), Path(config.out) / WORK
-    names = [name for name, _ in ingested]
-    depths = np.array([depth for _, depth in ingested])
+    names = [name for name, _, _ in ingested]
+    depths = np.array([depth for _, depth, _ in ingested])
     starts = np.concatenate([[0], np.cumsum(depths)[:-1]])
     images = [np.load(work / f"{n}.image.npy", mmap_mode="r") for n in names]
     labels = [np.load(work / f"{n}.label.npy", mmap_mode="r") for n in names]
@@ -262,7 +422,8 @@ def _write_store(writer: StoreWriter, ingested: list[tuple[str, int]], skipped: 
         list(parallel_map(export_png, [(out, f) for f in shard_files], config.workers, desc="png shards"))
     return writer.finish(
         kind="real", image_size=config.size, has_image=True, shard_counts=shard_counts, modality=config.modality,
-        skipped=tuple(skipped), provenance={"tool": f"tumorsynth {__version__} prepare", "subjects": len(names)},
+        skipped=tuple(skipped),
+        provenance={"tool": f"tumorsynth {__version__} prepare", "subjects": len(names), **source},
     )
 
 
@@ -293,5 +454,6 @@ def result_json(result: PrepareResult) -> dict[str, Any]:
     if result.manifest is not None:
         doc["splits"] = {k: v.n for k, v in result.manifest.splits.items()}
         doc["skipped"] = list(result.manifest.skipped)
+        doc["unlabelled"] = [case["subject"] for case in result.manifest.provenance.get("unlabelled", ())]
     return doc
 

@@ -1,4 +1,11 @@
-"""Axial slicing of a volume into square 2-D slices: zero padding to the canvas, optional downsampling, uint16 MR.
+"""Axial slicing of a volume into square 2-D slices: orientation, zero padding to the canvas, optional downsampling,
+uint16 MR.
+
+Slices are axial because BraTS stores its volumes with voxel axes L, P, S (``nibabel.aff2axcodes`` of its affine
+``diag(-1, -1, 1)``): the third axis runs inferior → superior. A volume stored otherwise (RAS, LAS, sagittal or coronal
+slabs, axes permuted) is first put into that layout by :func:`to_brats_orientation` — flips and axis permutations
+read from the affine, no resampling — so any orientation of one subject gives the same slices, and a BraTS-oriented
+volume passes through untouched (its store is byte for byte what it was before orientation was handled).
 
 A volume indexed ``[x, y, z]`` becomes ``[z, y, x]`` slices (rows follow the y axis, so anterior is at the top for
 BraTS' affine). Slices are zero-padded centrally to a power-of-two canvas (240 → 256). Sizes below the canvas are
@@ -11,11 +18,35 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+from nibabel import orientations
 
 log = logging.getLogger(__name__)
 
 UINT16_MAX = np.iinfo(np.uint16).max
+BRATS_AXCODES = ("L", "P", "S")  # BraTS' voxel axes: x toward the left, y toward posterior, z toward superior
+
+
+def axis_codes(affine: np.ndarray) -> str:
+    """The directions the voxel axes of ``affine`` point to, e.g. ``"LPS"`` for BraTS or ``"RAS"``; ValueError when
+    an axis has no direction (a singular affine)."""
+    codes = nib.aff2axcodes(np.asarray(affine))
+    if None in codes:
+        raise ValueError(f"the affine gives voxel axes no clear direction (axis codes {codes})")
+    return "".join(codes)
+
+
+def to_brats_orientation(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """``volume`` (3-D, or with trailing channel axes) with its first three axes flipped and permuted from the layout
+    ``affine`` gives them into BraTS' L, P, S layout; returned as is when it is in that layout already."""
+    source = orientations.io_orientation(np.asarray(affine))
+    if np.isnan(source).any():
+        raise ValueError("the affine gives voxel axes no clear direction")
+    transform = orientations.ornt_transform(source, orientations.axcodes2ornt(BRATS_AXCODES))
+    if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
+        return volume
+    return orientations.apply_orientation(volume, transform)
 
 
 def to_uint16(volume: np.ndarray, source: Path) -> np.ndarray:

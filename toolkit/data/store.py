@@ -11,10 +11,13 @@ Layout (DESIGN §4)::
                                    (a resume with other ones is refused; copied into the manifest's provenance)
     STORE/.lock                    the writer's lock (toolkit.lock): one writer per store
 
-Shard datasets are compressed with Blosc (LZ4, byte shuffle) through ``hdf5plugin`` rather than DESIGN §4's lzf:
-measured on phantom slices at 256², it reads 5× faster (94 vs 501 µs per image+label row), writes 4× faster and is
-smaller (17.7 vs 21.9 KiB per row). Importing this module registers the filter; other HDF5 tools need
-``HDF5_PLUGIN_PATH=$(python -c 'import hdf5plugin; print(hdf5plugin.PLUGIN_PATH)')``.
+Shard datasets are compressed with Blosc (LZ4, byte shuffle) through ``hdf5plugin`` by default, rather than DESIGN
+§4's lzf: measured on phantom slices at 256², it reads 5× faster (94 vs 501 µs per image+label row), writes 4× faster
+and is smaller (17.7 vs 21.9 KiB per row). Importing this module registers the filter; other HDF5 tools need
+``HDF5_PLUGIN_PATH=$(python -c 'import hdf5plugin; print(hdf5plugin.PLUGIN_PATH)')``. A store can instead be written
+(``compression``, :data:`CODECS`) with gzip + shuffle or no compression, HDF5 built-ins that every HDF5 build reads
+(plain h5py, h5dump, HDFView, MATLAB); the manifest's ``compression`` says which (absent in no store written so far:
+its absence means Blosc LZ4), and :mod:`toolkit.data.convert` rewrites a store with another.
 
 Corruption is detected when rows are read. Blosc/LZ4 carries no checksum (of 40 random single-bit flips in a 256²
 shard's chunk data, 27 read back as wrong rows without an error, in another draw 31), so every dataset also carries
@@ -63,8 +66,20 @@ MANIFEST = "manifest.json"
 PROGRESS = ".progress.jsonl"
 OPTIONS = ".options.json"
 SPLITS = ("train", "val", "test")
-COMPRESSION = "blosc-lz4-shuffle+fletcher32"
-_FILTER = {**hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE), "fletcher32": True}
+CODECS = ("blosc-lz4", "gzip", "none")
+DEFAULT_CODEC = "blosc-lz4"
+# codec → the filters of every shard dataset (fletcher32 in each: corruption is detected at read time, whatever the
+# codec) and the manifest's ``compression`` value, which describes them
+_FILTERS: dict[str, dict[str, Any]] = {
+    "blosc-lz4": {**hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE), "fletcher32": True},
+    "gzip": {"compression": "gzip", "compression_opts": 4, "shuffle": True, "fletcher32": True},
+    "none": {"fletcher32": True},
+}
+_DESCRIPTIONS = {"blosc-lz4": "blosc-lz4-shuffle+fletcher32", "gzip": "gzip-4-shuffle+fletcher32",
+                 "none": "none+fletcher32"}
+# codec → the HDF5 filter ids its datasets carry (32001 Blosc, 1 deflate, 2 shuffle, 3 fletcher32)
+FILTER_IDS = {"blosc-lz4": frozenset({32001, 3}), "gzip": frozenset({1, 2, 3}), "none": frozenset({3})}
+COMPRESSION = _DESCRIPTIONS[DEFAULT_CODEC]
 KINDS = ("real", "synthetic")
 
 log = logging.getLogger(__name__)
@@ -72,6 +87,40 @@ log = logging.getLogger(__name__)
 
 class StoreError(Exception):
     """A store is missing, incomplete or malformed; the message names the file and the field."""
+
+
+def codec_of(compression: str) -> str:
+    """The codec (one of :data:`CODECS`) of a manifest's ``compression`` value, e.g. ``gzip-4-shuffle+fletcher32`` →
+    ``gzip``; ValueError for one that names none (the manifests written so far say ``blosc-lz4-shuffle``, with or
+    without ``+fletcher32``)."""
+    for codec in CODECS:
+        if compression == codec or compression.startswith((f"{codec}-", f"{codec}+")):
+            return codec
+    raise ValueError(f"compression {compression!r} is none of {CODECS}")
+
+
+def check_codec(codec: str) -> str:
+    """``codec`` itself when it is one of :data:`CODECS`, else ValueError naming them."""
+    if codec not in CODECS:
+        raise ValueError(f"compression {codec!r}: expected one of {CODECS}")
+    return codec
+
+
+def describe_codec(codec: str) -> str:
+    """The manifest's ``compression`` value for shards written with ``codec``, e.g. ``gzip-4-shuffle+fletcher32``."""
+    return _DESCRIPTIONS[check_codec(codec)]
+
+
+def filter_ids(dataset: h5py.Dataset) -> frozenset[int]:
+    """The ids of the HDF5 filters ``dataset`` is written with."""
+    plist = dataset.id.get_create_plist()
+    return frozenset(plist.get_filter(i)[0] for i in range(plist.get_nfilters()))
+
+
+def dataset_codec(dataset: h5py.Dataset) -> str | None:
+    """The codec whose filters ``dataset`` carries exactly, None when they are no codec's (e.g. no fletcher32)."""
+    ids = filter_ids(dataset)
+    return next((codec for codec, want in FILTER_IDS.items() if ids == want), None)
 
 
 class CorruptShardError(StoreError):
@@ -132,6 +181,11 @@ class Manifest:
     format: str = FORMAT
 
     @property
+    def codec(self) -> str:
+        """The codec of the shards (one of :data:`CODECS`)."""
+        return codec_of(self.compression)
+
+    @property
     def reduced(self) -> int:
         """Rows of the reduced training set: a prefix of the (shuffled) training split."""
         train = self.splits.get("train")
@@ -180,10 +234,17 @@ class Manifest:
                 raise StoreError(f"{source}: field 'splits.{name}.n' = {n} disagrees with its shards")
             splits[name] = SplitInfo(n=n, shards=shards)
         reduced = need(doc, "reduced", "")
+        # every manifest written so far has the field; one without it means the only codec there was then
+        compression = doc.get("compression", DEFAULT_CODEC)
+        try:
+            codec_of(compression)
+        except (ValueError, AttributeError):
+            raise StoreError(f"{source}: field 'compression' is {compression!r}, expected one of {CODECS} "
+                             "(optionally followed by its settings, e.g. 'gzip-4-shuffle+fletcher32')") from None
         return cls(
             kind=doc["kind"], image_size=need(doc, "image_size", ""), classes=need(doc, "classes", ""),
             has_image=need(doc, "has_image", ""), splits=splits, reduced_fraction=need(reduced, "fraction", "reduced."),
-            compression=need(doc, "compression", ""), modality=doc.get("modality"),
+            compression=compression, modality=doc.get("modality"),
             intensity_max=doc.get("intensity_max"),
             provenance=doc.get("provenance", {}), skipped=tuple(doc.get("skipped", ())), created=doc.get("created", ""),
         )
@@ -242,8 +303,10 @@ def open_shard(path: Path, sha256: str, **options: Any) -> h5py.File:
 
 
 def write_shard(path: Path, *, label: np.ndarray, subject: Sequence[str], slice_index: np.ndarray,
-                classes: int, image: np.ndarray | None = None) -> ShardInfo:
+                classes: int, image: np.ndarray | None = None, compression: str = DEFAULT_CODEC) -> ShardInfo:
     """Atomically write one shard file and return its info (``file`` relative to the split's parent folder).
+
+    ``compression`` is the codec of every dataset (one of :data:`CODECS`).
 
     Rows are checked before anything is written: a label ≥ ``classes`` raises StoreError naming the shard. A full
     disk raises :class:`~toolkit.atomic.DiskError` naming the file, and leaves no temporary file.
@@ -272,7 +335,7 @@ def write_shard(path: Path, *, label: np.ndarray, subject: Sequence[str], slice_
     rows = {"image": image, "label": label,
             "subject": np.array(encoded, dtype=h5py.string_dtype("utf-8", width)),
             "slice": np.asarray(slice_index, dtype=np.int16), "empty": empty, "class_pixels": class_pixels}
-    data = _shard_bytes(path, {name: array for name, array in rows.items() if array is not None})
+    data = shard_bytes(path, {name: array for name, array in rows.items() if array is not None}, compression)
     write_bytes(path, data)
     return ShardInfo(
         file=f"{path.parent.name}/{path.name}", n=n, sha256=hashlib.sha256(data).hexdigest(),
@@ -281,13 +344,15 @@ def write_shard(path: Path, *, label: np.ndarray, subject: Sequence[str], slice_
     )
 
 
-def _shard_bytes(path: Path, datasets: dict[str, np.ndarray]) -> bytes:
-    """The bytes of an HDF5 file holding ``datasets``, built in memory (nothing of it touches the disk)."""
+def shard_bytes(path: Path, datasets: dict[str, np.ndarray], compression: str = DEFAULT_CODEC) -> bytes:
+    """The bytes of an HDF5 file holding ``datasets`` with the codec ``compression``, built in memory (nothing of it
+    touches the disk; ``path`` only names it). Arrays keep their dtype, h5py's string metadata included."""
+    filters = _FILTERS[check_codec(compression)]
     with h5py.File(str(path), "w", driver="core", backing_store=False) as f:
         for name, array in datasets.items():
             # image and label rows are their own chunks (random access reads one row); per-row metadata is one chunk
             chunks = (1, *array.shape[1:]) if name in ("image", "label") else array.shape
-            f.create_dataset(name, data=array, chunks=chunks, **_FILTER)
+            f.create_dataset(name, data=array, dtype=array.dtype, chunks=chunks, **filters)
         f.flush()
         return f.id.get_file_image()
 
@@ -302,13 +367,16 @@ class StoreWriter:
     Callers decide shard boundaries deterministically, ask :meth:`done` before computing a shard, write it with
     :meth:`write`, and call :meth:`finish` last, which writes the manifest and removes the progress log and the
     ``scratch`` folders (names under the root holding the caller's intermediate files, e.g. prepare's ``.work``).
-    ``resumed`` says whether an earlier run had recorded the options (the store is being resumed).
+    ``resumed`` says whether an earlier run had recorded the options (the store is being resumed). ``compression`` is
+    the codec of the shards :meth:`write` writes, recorded in the manifest (a caller that resumes must make it part of
+    ``options``, so that a store never mixes codecs).
     """
 
     def __init__(self, root: Path, *, classes: int, options: dict[str, Any] | None = None,
-                 scratch: Sequence[str] = ()) -> None:
+                 scratch: Sequence[str] = (), compression: str = DEFAULT_CODEC) -> None:
         self.root = Path(root)
         self.classes = classes
+        self.compression = check_codec(compression)
         self.options = options
         self.scratch = tuple(scratch)
         self.resumed = False
@@ -361,7 +429,7 @@ class StoreWriter:
     def write(self, split: str, index: int, **rows: Any) -> ShardInfo:
         """Write shard ``index`` of ``split`` (keyword arguments as :func:`write_shard`) and log it."""
         return self.record(split, index, write_shard(self.root / shard_name(split, index), classes=self.classes,
-                                                     **rows))
+                                                     compression=self.compression, **rows))
 
     def record(self, split: str, index: int, info: ShardInfo) -> ShardInfo:
         """Log shard ``index`` of ``split``, written by :func:`write_shard` (possibly by another process)."""
@@ -387,6 +455,7 @@ class StoreWriter:
         maxima = [s.intensity_max for sp in splits.values() for s in sp.shards if s.intensity_max is not None]
         if self.options is not None:
             fields["provenance"] = {**fields.get("provenance", {}), "options": self.options}
+        fields.setdefault("compression", describe_codec(self.compression))
         manifest = Manifest(
             kind=kind, image_size=image_size, classes=self.classes, has_image=has_image, splits=splits,
             intensity_max=max(maxima) if maxima else None,
@@ -470,9 +539,14 @@ class Store:
 
 
 def verify(store: Store) -> list[str]:
-    """Recompute every shard's checksum and check its datasets; returns one message per problem (empty if sound)."""
+    """Recompute every shard's checksum and check its datasets (dtypes, shapes, the manifest's codec); returns one
+    message per problem (empty if sound)."""
     problems = []
     m = store.manifest
+    filters = FILTER_IDS[m.codec]
+    # stores written before fletcher32 say so by its absence from the description (their per-row metadata was not
+    # compressed at all, so only image and label are checked)
+    allowed = {filters} if "+fletcher32" in m.compression else {filters, filters - {3}}
     for split in m.splits:
         for info, path in store.shards(split):
             if not path.exists():
@@ -489,6 +563,10 @@ def verify(store: Store) -> list[str]:
                     for name, (dtype, shape) in expected.items():
                         if name not in f or f[name].dtype != dtype or f[name].shape != shape:
                             problems.append(f"{path}: dataset '{name}' is not {np.dtype(dtype)} {shape}")
+                    wrong = [name for name in ("image", "label") if name in f and filter_ids(f[name]) not in allowed]
+                    if wrong:
+                        problems.append(f"{path}: datasets {wrong} are not written with the manifest's compression "
+                                        f"{m.compression!r}")
             except OSError as err:
                 problems.append(f"{path}: unreadable ({err})")
     return problems
@@ -506,6 +584,7 @@ def summary(store: Store) -> dict[str, Any]:
         freqs[split] = {(names[i] if names else str(i)): float(v) for i, v in enumerate(share)}
     return {
         "format": m.format,
+        "compression": m.codec,
         "kind": m.kind,
         "image_size": m.image_size,
         "classes": m.classes,

@@ -19,9 +19,15 @@ growing, so ``best`` would be a best-so-far that a later evaluation moves under 
 trainer restarting meanwhile removes every temporary file in ``RUN``, the evaluation's in-flight ones included.
 When rank 0 cannot start (held, changed options), every rank raises at once (:func:`toolkit.mpi.from_root`).
 
-Protocol (official): as many generated as real images (16,384 by default, fewer when the store has fewer non-empty
-masks), both as label maps 0…6 at the generator's resolution; reals reduced to it as in training (box average in
-[−1, 1], then rounded to the nearest class).
+Protocol (official): as many generated as real images, both as label maps 0…6 at the generator's resolution; reals
+reduced to it as in training (box average in [−1, 1], then rounded to the nearest class). The real set is the run's own
+training set, as the official code scores a run against the dataset it trained on: the non-empty masks of the store's
+training split, or of its reduced prefix (the first 20 %) for a run that trained on that (``reduced`` in its snapshots;
+a snapshot without it trained on the full split). The reduced set is repeated in order up to ``--images`` (16,384 by
+default), as the official dataset reader repeats its records; the full set keeps its earlier rule (the first
+``--images`` masks, fewer when the store has fewer), so that tables scored before stay comparable. ``swd.csv`` says
+which set in its ``real_set`` column (``full`` or ``reduced``), and a reduced set is part of the recorded options
+(``"real_set": "reduced"``; a record without the key means full).
 """
 
 from __future__ import annotations
@@ -62,13 +68,25 @@ OPTIONS = "options.json"
 TABLE, FIGURE, CACHE, BEST = "swd.csv", "swd.png", "swd-real.pt", "best"  # RUN/swd.*, RUN/snapshots/best
 
 
-def real_masks(store: Path, n: int, resolution: int) -> np.ndarray:
-    """The first ``n`` non-empty training masks of ``store`` at ``resolution`` (uint8 labels)."""
-    data = SliceDataset([Source(store, "train", drop_empty=True)], classes=7, with_image=False)
-    n = min(n, len(data))
-    labels = torch.cat([data.collate(data.__getitems__(list(range(i, min(i + 512, n)))))["label"]
-                        for i in range(0, n, 512)])
-    return to_labels(reals_at(labels, resolution)[:, 0]).numpy()
+REAL_SETS = ("full", "reduced")  # the real sets a run is scored against: its training split or the reduced prefix
+
+
+def real_masks(store: Path, n: int, resolution: int, *, reduced: bool = False) -> np.ndarray:
+    """The real set of ``store`` at ``resolution`` (uint8 labels): the first ``n`` non-empty training masks (fewer if
+    the split has fewer), or with ``reduced`` the non-empty masks of the reduced training prefix, repeated in order to
+    exactly ``n`` (the official reader's repeat)."""
+    source = Source(store, "train", n="reduced" if reduced else None, drop_empty=True)
+    data = SliceDataset([source], classes=7, with_image=False)
+    count = min(n, len(data))
+    if count == 0:
+        raise ValueError(f"{store}: no non-empty masks in the {'reduced prefix of the ' * reduced}training split")
+    labels = torch.cat([data.collate(data.__getitems__(list(range(i, min(i + 512, count)))))["label"]
+                        for i in range(0, count, 512)])
+    masks = to_labels(reals_at(labels, resolution)[:, 0]).numpy()
+    if reduced and count < n:
+        log.info("%s: %d non-empty masks in the reduced prefix, repeated to %d", store, count, n)
+        masks = masks[np.arange(n) % count]
+    return masks
 
 
 def _read_scores(path: Path) -> dict[str, dict[str, Any]]:
@@ -97,15 +115,23 @@ class _Claim:
     store: Path
     fingerprint: str
     resolution: int
+    reduced: bool  # the real set: the reduced training prefix (tiled), else the full training split
+
+    @property
+    def real_set(self) -> str:
+        return REAL_SETS[self.reduced]
 
 
 def evaluate_snapshots(run_dir: Path, *, real: Path | None = None, images: int = 16384, seed: int = 0,
-                       device: str | None = None) -> dict[str, Any]:
-    """Score every unscored snapshot of ``run_dir`` (collectively over MPI ranks); rank 0 returns the summary."""
+                       device: str | None = None, reduced: bool | None = None) -> dict[str, Any]:
+    """Score every unscored snapshot of ``run_dir`` (collectively over MPI ranks); rank 0 returns the summary.
+
+    ``reduced``: score against the reduced training prefix (True) or the full training split (False); None takes
+    what the run trained on, as its snapshots record it."""
     comm = world()
     run_dir = Path(run_dir)
     dev = mpi_device(comm, device)
-    claim = from_root(comm, lambda: _claim(run_dir, real, images, seed))
+    claim = from_root(comm, lambda: _claim(run_dir, real, images, seed, reduced))
     try:
         return _evaluate(run_dir, claim, images, seed, dev, comm)
     finally:
@@ -113,7 +139,7 @@ def evaluate_snapshots(run_dir: Path, *, real: Path | None = None, images: int =
             claim.lock.release()
 
 
-def _claim(run_dir: Path, real: Path | None, images: int, seed: int) -> _Claim:
+def _claim(run_dir: Path, real: Path | None, images: int, seed: int, reduced: bool | None) -> _Claim:
     """Rank 0: refuse a run in training, take the evaluation's lock, remove its stale temporary files, check the
     options its rows were made with."""
     snapshots = sorted((run_dir / "snapshots").glob("tick-*.pt"))
@@ -127,7 +153,9 @@ def _claim(run_dir: Path, real: Path | None, images: int, seed: int) -> _Claim:
         first = torch.load(snapshots[0], map_location="cpu", weights_only=True)
         store = Path(real or first["store"])
         fingerprint = provenance.fingerprint(Store(store).root)
-        options = {"images": images, "seed": seed, "real": fingerprint, "swd": asdict(SWDConfig())}
+        reduced = bool(first.get("reduced", False)) if reduced is None else reduced  # older snapshots: full
+        options = {"images": images, "seed": seed, "real": fingerprint, "swd": asdict(SWDConfig()),
+                   **({"real_set": "reduced"} if reduced else {})}  # absent: full, as recorded before the key
         record, table = run_dir / EVAL / OPTIONS, run_dir / TABLE
         if table.exists() and not record.exists():
             raise provenance.OptionsChanged(f"{table}: rows of unknown options (no {record}); move it away to score "
@@ -141,7 +169,7 @@ def _claim(run_dir: Path, real: Path | None, images: int, seed: int) -> _Claim:
                    + remove_stale_temps(run_dir / "snapshots", (BEST,)))
         if removed:
             log.info("%s: removed %d temporary files of a killed evaluation", run_dir, removed)
-        return _Claim(lock, snapshots, store, fingerprint, int(first["model"]["resolution"]))
+        return _Claim(lock, snapshots, store, fingerprint, int(first["model"]["resolution"]), reduced)
     except BaseException:
         lock.release()
         raise
@@ -165,6 +193,8 @@ def _evaluate(run_dir: Path, claim: _Claim | None, images: int, seed: int, dev: 
         return {}
     for part in gathered:
         scored.update({row["snapshot"]: row for row in part})
+    for row in scored.values():  # rows of a table from before the column were made against the same (full) set
+        row["real_set"] = claim.real_set
     table = sorted(scored.values(), key=lambda r: int(r["tick"]))
     _write_csv(run_dir / TABLE, table)
     best = min(table, key=lambda r: float(r["swd_avg"]))
@@ -172,14 +202,14 @@ def _evaluate(run_dir: Path, claim: _Claim | None, images: int, seed: int, dev: 
     curve([int(r["tick"]) for r in table], [float(r["swd_avg"]) for r in table], run_dir / FIGURE,
           xlabel="tick", ylabel="SWD ×1e3 (avg over levels)", mark=int(best["tick"]))
     return {"snapshots": len(table), "scored_now": sum(len(p) for p in gathered), "ranks": size,
-            "best": best["snapshot"], "best_swd_avg": float(best["swd_avg"])}
+            "best": best["snapshot"], "best_swd_avg": float(best["swd_avg"]), "real_set": claim.real_set}
 
 
 def _cache_real(claim: _Claim, cache: Path, images: int, seed: int, dev: torch.device) -> None:
     """Rank 0: the real set's descriptors in ``cache``, unless it already holds them (same source and protocol)."""
-    masks = real_masks(claim.store, images, claim.resolution)
-    wanted = cache_meta(SWDConfig(), seed, len(masks),
-                        f"{claim.store.resolve()}@{claim.resolution} ({claim.fingerprint})")
+    masks = real_masks(claim.store, images, claim.resolution, reduced=claim.reduced)
+    source = f"{claim.store.resolve()}@{claim.resolution} ({claim.fingerprint})"
+    wanted = cache_meta(SWDConfig(), seed, len(masks), source + " reduced prefix, repeated" * claim.reduced)
     try:
         load_descriptors(cache, wanted)
     except (FileNotFoundError, ValueError):
