@@ -37,20 +37,22 @@ check_state_dir() {
   [[ -L $DIR ]] && refuse "$DIR is a symbolic link"
   [[ -d $DIR ]] || refuse "$DIR is not a folder"
   root_only "$DIR" || refuse "$DIR (uid $(stat -c %u -- "$DIR"), mode $(stat -c %a -- "$DIR")) is not root's alone"
-  for sub in munge run log state spool; do
+  for sub in munge run log state spool net tmp; do
     if [[ -L $DIR/$sub ]] || { [[ -e $DIR/$sub ]] && ! { [[ -d $DIR/$sub ]] && root_only "$DIR/$sub"; }; }; then
       refuse "$DIR/$sub is not a folder that only root may write"
     fi
   done
-  for file in slurm.conf env.sh munge/munge.key munge/munged.seed munge/munge.socket run/munged.pid \
-              run/slurmctld.pid run/slurmd.pid log/munged.log log/slurmctld.log log/slurmd.log; do
+  for file in slurm.conf env.sh nodes munge/munge.key munge/munged.seed munge/munge.socket run/munged.pid \
+              run/slurmctld.pid run/slurmd.pid log/munged.log log/slurmctld.log log/slurmd.log net/created net/hosts \
+              "$DIR"/run/slurmd-*.pid "$DIR"/log/slurmd-*.log; do
+    file=${file#"$DIR"/}
     [[ -L $DIR/$file ]] && refuse "$DIR/$file is a symbolic link"
   done
   return 0
 }
 
-# daemon_pid NAME: the pid in DIR/run/NAME.pid, if that process runs the NAME binary with this state folder (its
-# config file, or munged's pid file, among its arguments); status 1 otherwise.
+# daemon_pid NAME: the pid in DIR/run/NAME.pid, if that process runs the NAME binary (slurmd for a node's
+# slurmd-ts-nI) with this state folder (its config file, or munged's pid file, among its arguments); status 1 otherwise.
 daemon_pid() {
   local pid
   pid=$(cat -- "$DIR/run/$1.pid" 2>/dev/null) || return 1
@@ -61,7 +63,7 @@ daemon_pid() {
 is_daemon() {
   local name=$1 pid=$2 binary exe arg token
   [[ $pid =~ ^[0-9]+$ ]] || return 1
-  binary=$(command -v "$name") || return 1
+  binary=$(command -v "${name%%-*}") || return 1
   exe=$(readlink -- "/proc/$pid/exe" 2>/dev/null) || return 1
   [[ ${exe% (deleted)} == "$(readlink -f -- "$binary")" ]] || return 1
   if [[ $name == munged ]]; then token=--pid-file=$DIR/run/munged.pid; else token=$DIR/slurm.conf; fi

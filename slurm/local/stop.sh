@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stop the local SLURM cluster that slurm/local/start.sh started: its jobs, then slurmd, slurmctld, munged.
+# Stop the local SLURM cluster that slurm/local/start.sh started: its jobs, then slurmd(s), slurmctld, munged, and
+# (of a multi-node cluster) the network namespaces, veth pairs and bridge recorded in STATE_DIR/net/created.
 # Usage: slurm/local/stop.sh [STATE_DIR]   (default: $TUMORSYNTH_SLURM_DIR or /tmp/tumorsynth-slurm)
 # Only the daemons named by the pid files in STATE_DIR/run are stopped, and only if each is that daemon of this
 # state folder (its binary, run with this folder's slurm.conf or munged pid file: common.sh); a pid file naming any
@@ -18,9 +19,13 @@ if [[ ! -e $DIR && ! -L $DIR ]]; then
   exit 0
 fi
 check_state_dir
+# shellcheck source=slurm/local/nodes.sh
+source "$HERE/nodes.sh"
+SLURMDS=(slurmd)
+for pidfile in "$DIR"/run/slurmd-*.pid; do [[ -f $pidfile ]] && SLURMDS+=("$(basename "$pidfile" .pid)"); done
 
 # Cancel the jobs first (bounded wait) so none is requeued or left half-run when the cluster starts again.
-if daemon_pid slurmctld >/dev/null && daemon_pid slurmd >/dev/null && [[ -f $SLURM_CONF ]]; then
+if daemon_pid slurmctld >/dev/null && [[ -f $SLURM_CONF ]]; then
   jobs=$(timeout 5 squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ') || jobs=""
   if [[ -n ${jobs// /} ]]; then
     # shellcheck disable=SC2086
@@ -54,6 +59,7 @@ stop_all() {
   done
   for name in "$@"; do rm -f "$DIR/run/$name.pid"; done
 }
-stop_all slurmd slurmctld
+stop_all "${SLURMDS[@]}" slurmctld
 stop_all munged  # last: the slurm daemons authenticate through it until they are gone
+net_down
 echo "stop.sh: local SLURM cluster in $DIR is stopped"

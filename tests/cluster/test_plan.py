@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import submitit
-import yaml
 
 from toolkit.cluster import slurmctl
 from toolkit.cluster.pipeline import PipelineConfig, TrainStep, steps
@@ -99,11 +98,11 @@ def test_resources_come_from_the_profile_and_gpu_hours_are_estimated_for_every_s
     # the reduced SPADE: a fifth of the pairs for five times the epochs (the cohort estimate drops no empty slices)
     assert hours["spade-reduced"] == pytest.approx(hours["spade-full"] * 5208 * 250 / (26040 * 50))
     assert doc["gpu_hours"] == pytest.approx(sum(hours.values()))
-    # a profile with nodes: 2 doubles tasks and GPUs
-    two = tmp_path / "v100x2.yaml"
-    two.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "slurm/profiles/v100.yaml").read_text()), "nodes": 2}))
-    resources = _by_name(plan(replace(cfg, profile=str(two)), "slurm"))["spade-full"]["resources"]
+    # the 2-node profile doubles tasks and GPUs, and the table shows nodes × tasks
+    two_nodes = plan(replace(cfg, profile="v100-2node"), "slurm")
+    resources = _by_name(two_nodes)["spade-full"]["resources"]
     assert (resources["nodes"], resources["tasks"], resources["gpus"]) == (2, 4, 4)
+    assert " 2×2 " in table(two_nodes)
     text = table(doc)
     assert "spade-reduced" in text and "250 epochs, reduced prefix" in text and "GPU-hours (estimate)" in text
 

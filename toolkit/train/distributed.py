@@ -7,9 +7,9 @@ No globals, no print patching: rank-0 guards use ``dist.is_main``. This is the o
 
 - **ddp**: the rendezvous comes from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
   or, under ``srun``, from SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR defaults to the first
-  node of the job, MASTER_PORT to a port derived from the job and step ids: :func:`slurm_master_port`). Gloo on
-  CPU, NCCL on GPU. ``wrap`` returns a
-  ``DistributedDataParallel`` module, which averages gradients during the backward pass.
+  node of the job, MASTER_PORT to the step's reserved port or one derived from the job and step ids:
+  :func:`slurm_master_port`). Gloo on CPU, NCCL on GPU. ``wrap`` returns a ``DistributedDataParallel`` module,
+  which averages gradients during the backward pass.
 - **horovod**: ``hvd.init()`` finds its peers from ``mpirun``, ``srun --mpi=pmix`` or ``horovodrun --gloo``.
   ``wrap`` broadcasts rank 0's parameters and buffers (as DDP's constructor does) and returns the module itself;
   ``optimizer`` returns an :class:`AveragingOptimizer`, whose ``step`` first averages its parameters' gradients with
@@ -194,8 +194,13 @@ PORT_BASE, PORT_RANGE, PORT_STEP = 20000, 12768, 797
 
 
 def slurm_master_port(env: Mapping[str, str] = os.environ) -> int:
-    """The rendezvous port of an srun step (``SLURM_JOB_ID``, ``SLURM_STEP_ID``): every task of the step computes
-    the same one, with no exchange before the process group exists.
+    """The rendezvous port of an srun step: every task of the step computes the same one, with no exchange before
+    the process group exists.
+
+    Where the cluster reserves ports for steps (``MpiParams=ports=LO-HI`` in slurm.conf, as the multi-node local
+    cluster does), it is the first of the step's ``SLURM_STEP_RESV_PORTS``: SLURM gives the same ports to every task
+    of a step and never the same to two steps running on one node at once, so those cannot collide. Otherwise it is
+    derived from ``SLURM_JOB_ID`` and ``SLURM_STEP_ID``:
 
     Two steps running on one node at once share a port only if ``job_a − job_b ≡ 797 · (step_b − step_a)`` (mod
     12768): never two steps of one job (797 is prime to 12768), steps with equal step ids of two jobs only if the job
@@ -203,6 +208,9 @@ def slurm_master_port(env: Mapping[str, str] = os.environ) -> int:
     797 (797 maximises that distance). A clash, or a port some other program listens on, makes rank 0 of the later
     step fail at once ("address already in use").
     """
+    reserved = env.get("SLURM_STEP_RESV_PORTS", "")
+    if reserved:
+        return int(reserved.split(",")[0].split("-")[0])
     job = int(env.get("SLURM_JOB_ID", "0"))
     step = int(env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0")))
     return PORT_BASE + (job + PORT_STEP * step) % PORT_RANGE

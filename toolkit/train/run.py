@@ -117,7 +117,7 @@ def train(model: str, config_path: Path, overrides: tuple[str, ...] = (), run_di
     config_cls, task_cls = trainer(model)
     cfg = configs.load(config_cls, config_path, overrides)
     run_dir = Path(run_dir or Path("runs") / f"{model}-{Path(config_path).stem}")
-    dist = distributed.init(backend, cfg.runtime.device)
+    dist = distributed.init(backend, cfg.runtime.device, timeout_s=cfg.runtime.collective_timeout_s)
     try:
         return _train(task_cls, cfg, run_dir, dist)
     except BaseException as exc:

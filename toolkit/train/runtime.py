@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from toolkit.config import PositiveInt
+from toolkit.config import PositiveFloat, PositiveInt
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
@@ -30,6 +30,9 @@ class RuntimeConfig:
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
     sync_bn: bool = True
     threads: PositiveInt | None = None  # None: torch's default
+    # --dist ddp: how long a collective (and the rendezvous) waits for a silent peer, e.g. a rank on a lost node,
+    # before this rank fails instead of hanging
+    collective_timeout_s: PositiveFloat = 600.0
 
     def memory_format(self, device: torch.device) -> torch.memory_format:
         """channels_last where asked (default: on CUDA, where cuDNN's tensor-core kernels want NHWC)."""
