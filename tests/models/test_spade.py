@@ -1,6 +1,7 @@
 """SPADE networks: the normalisation's arithmetic, block structure (shortcut, spectral norm), generator and
 multiscale discriminator shapes, the official initialisation, and the losses."""
 
+import copy
 import itertools
 import math
 
@@ -16,7 +17,8 @@ from toolkit.models.spade import (
     SPADEResBlock,
     one_hot,
 )
-from toolkit.train.spade import feature_matching, hinge_d, hinge_g, split_scores, to_uint16, to_unit
+from toolkit.train.precision import Precision
+from toolkit.train.spade import feature_matching, hinge_d, hinge_g, split_scores, to_uint16, to_unit, train_iteration
 
 TINY = SPADEConfig(resolution=64, ngf=4, ndf=8, hidden=8)
 
@@ -143,6 +145,29 @@ def test_hinge_and_feature_matching_losses():
     both = [[torch.cat([torch.ones(1, 2), torch.zeros(1, 2)])]]
     on_fake, on_real = split_scores(both)
     assert torch.equal(on_fake[0][0], torch.ones(1, 2)) and torch.equal(on_real[0][0], torch.zeros(1, 2))
+
+
+def test_pixel_l1_term_is_lambda_times_the_mean_absolute_error_of_the_step_fake_and_absent_at_zero():
+    torch.manual_seed(0)
+    G, D = SPADEGenerator(TINY), MultiscaleDiscriminator(TINY)
+    segmap = one_hot(torch.randint(0, TINY.label_nc, (2, 64, 64)), TINY.label_nc)
+    real = torch.rand(2, 1, 64, 64) * 2 - 1
+    precision = Precision.for_device("fp32", torch.device("cpu"))
+
+    def iteration(G: nn.Module, D: nn.Module, lambda_l1: float) -> dict[str, torch.Tensor]:
+        opt_G, opt_D = (torch.optim.Adam(m.parameters(), lr=1e-3) for m in (G, D))
+        return train_iteration(G, D, opt_G, opt_D, segmap, real, lambda_feat=10.0, lambda_l1=lambda_l1,
+                               precision=precision)
+
+    expected = 25.0 * (copy.deepcopy(G)(segmap) - real).abs().mean()  # the fake the G step trains on
+    G_plain, D_plain = copy.deepcopy(G), copy.deepcopy(D)
+    losses = iteration(G, D, 25.0)
+    assert float(losses["loss_g_l1"]) == pytest.approx(float(expected), rel=1e-6)
+    plain = iteration(G_plain, D_plain, 0.0)
+    assert "loss_g_l1" not in plain  # the paper's recipe: no pixel term
+    assert float(plain["loss_g_feat"]) == pytest.approx(float(losses["loss_g_feat"]), rel=1e-6)  # same fake
+    moved = [not torch.equal(a, b) for a, b in zip(G.parameters(), G_plain.parameters())]
+    assert any(moved)  # the term reaches G's update
 
 
 def test_uint16_round_trip_through_the_unit_range():

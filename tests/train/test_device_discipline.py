@@ -35,11 +35,11 @@ def test_unet_train_step_on_a_device_creates_nothing_on_the_host_and_reads_nothi
 
 
 def test_spade_train_step_on_a_device_creates_nothing_on_the_host_and_reads_nothing_back(store_64, tmp_path):
-    cfg = SPADERunConfig(data=SPADEDataConfig(store=store_64), optim=SPADEOptimConfig(batch=2),
+    cfg = SPADERunConfig(data=SPADEDataConfig(store=store_64), optim=SPADEOptimConfig(batch=2, lambda_l1=10.0),
                          model=SPADEConfig(resolution=64, ngf=4, ndf=8, hidden=8))
     task = SPADETask(cfg, Dist(device=META), tmp_path)
     values = task.train_step(next(task.batches(0, 0)))
-    assert set(values) == {"loss_g_gan", "loss_g_feat", "loss_d_fake", "loss_d_real"}
+    assert set(values) == {"loss_g_gan", "loss_g_feat", "loss_g_l1", "loss_d_fake", "loss_d_real"}
     assert all(v.device == META for v in values.values())
 
 

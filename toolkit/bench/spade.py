@@ -66,7 +66,8 @@ def bench_spade(config: SPADEConfig | None = None, *, device: str = "cpu", batch
         memory_format=memory_format)
 
     def train() -> None:
-        train_iteration(G_step, D_step, opt_G, opt_D, segmap, real, lambda_feat=o.lambda_feat, precision=policy)
+        train_iteration(G_step, D_step, opt_G, opt_D, segmap, real, lambda_feat=o.lambda_feat, lambda_l1=o.lambda_l1,
+                        precision=policy)
 
     @torch.no_grad()
     def infer() -> None:

@@ -7,7 +7,8 @@ at the paper's settings: no VAE encoder, no VGG loss, no instance map, no flippi
   [−1, 1] with the store's intensity maximum, which every checkpoint and ``generator.pt`` carry, so synthesis writes
   native uint16 (the official code clips to 8 bits and assumes 3 channels).
 - One step, in the official order: a G step (hinge ``−D(fake)`` plus λ_feat × the L1 feature-matching loss between D's
-  intermediate features on fake and real, averaged over the discriminators), then a D step (hinge
+  intermediate features on fake and real, averaged over the discriminators, plus, where ``lambda_l1`` > 0 (not in
+  the paper's recipe; pix2pix's term), λ_l1 × the pixel L1 between fake and real in [−1, 1]), then a D step (hinge
   ``relu(1 − D(real)) + relu(1 + D(fake))`` on a freshly generated, detached fake). Fake and real go through D as one
   batch, as officially, so spectral norm's power iteration runs once per pass.
 - TTUR: Adam β (0, 0.9), G lr 1e-4, D lr 4e-4; an optional linear decay to zero over the last ``decay_epochs``
@@ -80,6 +81,9 @@ class SPADEOptimConfig:
     beta1: Decay = 0.0
     beta2: Decay = 0.9
     lambda_feat: NonNegativeFloat = 10.0
+    # pixel L1 to the real image (0: the paper's recipe). Short runs: it pulls G to the pairs' conditional mean
+    # within a few hundred steps, which the GAN terms alone take thousands of steps to reach.
+    lambda_l1: NonNegativeFloat = 0.0
     batch: PositiveInt = 1
     decay_epochs: NonNegativeInt = 0
 
@@ -145,8 +149,9 @@ def _discriminate(D: torch.nn.Module, segmap: torch.Tensor, fake: torch.Tensor, 
 
 def train_iteration(G: torch.nn.Module, D: torch.nn.Module, opt_G: torch.optim.Optimizer,
                     opt_D: torch.optim.Optimizer, segmap: torch.Tensor, real: torch.Tensor, *, lambda_feat: float,
-                    precision: Precision) -> dict[str, torch.Tensor]:
-    """One official SPADE iteration: a G step (hinge + feature matching), then a D step on a fresh, detached fake.
+                    precision: Precision, lambda_l1: float = 0.0) -> dict[str, torch.Tensor]:
+    """One official SPADE iteration: a G step (hinge + feature matching, + pixel L1 where ``lambda_l1`` > 0), then
+    a D step on a fresh, detached fake.
 
     The losses come back as detached device tensors: reading them is the caller's host synchronisation.
     """
@@ -154,8 +159,9 @@ def train_iteration(G: torch.nn.Module, D: torch.nn.Module, opt_G: torch.optim.O
         fake = G(segmap)
     on_fake, on_real = _discriminate(D, segmap, fake, real, precision)
     loss_gan, loss_feat = hinge_g(on_fake), lambda_feat * feature_matching(on_fake, on_real)
+    pixel = {"loss_g_l1": lambda_l1 * F.l1_loss(fake.float(), real)} if lambda_l1 > 0 else {}
     opt_G.zero_grad(set_to_none=True)
-    precision.backward(loss_gan + loss_feat)
+    precision.backward(loss_gan + loss_feat + sum(pixel.values()))
     precision.step(opt_G)
 
     with torch.no_grad(), precision.autocast():
@@ -165,7 +171,8 @@ def train_iteration(G: torch.nn.Module, D: torch.nn.Module, opt_G: torch.optim.O
     opt_D.zero_grad(set_to_none=True)
     precision.backward(loss_d_fake + loss_d_real)
     precision.step(opt_D)
-    losses = {"loss_g_gan": loss_gan, "loss_g_feat": loss_feat, "loss_d_fake": loss_d_fake, "loss_d_real": loss_d_real}
+    losses = {"loss_g_gan": loss_gan, "loss_g_feat": loss_feat, **pixel, "loss_d_fake": loss_d_fake,
+              "loss_d_real": loss_d_real}
     return {k: v.detach() for k, v in losses.items()}
 
 
@@ -254,7 +261,8 @@ class SPADETask:
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         segmap, real = self._inputs(batch)
         return train_iteration(self.G_net, self.D_net, self.opt_G, self.opt_D, segmap, real,
-                               lambda_feat=self.cfg.optim.lambda_feat, precision=self.precision)
+                               lambda_feat=self.cfg.optim.lambda_feat, lambda_l1=self.cfg.optim.lambda_l1,
+                               precision=self.precision)
 
     def _synthesise(self, label: torch.Tensor) -> torch.Tensor:
         """What synthesis writes for labels [N, H, W] on the device: intensities [N, 1, H, W] (float, integral)."""
