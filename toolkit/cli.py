@@ -323,7 +323,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         out = Path(args.out or Path("sweeps") / Path(args.target).stem)
         # an existing sweep directory of the same definition is resumed: nothing done, queued or running again
         with Sweep.create(Path(args.target), out, args.cluster, args.profile, tuple(args.set),
-                          tuple(args.var)) as sweep:
+                          tuple(args.var), tuple(args.extras)) as sweep:
             ids = sweep.resume()
         print(f"{out}: {len(ids)} members {'ran' if args.cluster == 'local' else 'submitted'} "
               f"({ids[0].split('_')[0] if ids else 'none'})")
@@ -563,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="sweep directory (default: sweeps/<sweep file name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every member")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="a sweep variable (${NAME})")
+    p.add_argument("--with", dest="extras", action="append", default=[], metavar="GROUP",
+                   help="submit: add the sweep file's extras group (e.g. augmentation; repeatable)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_sweep)
 

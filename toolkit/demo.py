@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's configs/ (make demo runs from it)
 PAPER_SIZE, PAPER_THRESHOLD = 256, 500.0
 # Wall seconds of each step on the reference 2-core machine (PGAN and SPADE overlap): the progress lines' estimates.
-ESTIMATES = {"prepare": 37.0, "pgan-full": 205.0, "spade-full": 200.0, "swd-full": 20.0, "masks-full": 5.0,
-             "filter-full": 2.0, "images-full": 10.0, "sweep": 290.0, "total": 600.0}
+ESTIMATES = {"prepare": 22.0, "pgan-full": 184.0, "spade-full": 230.0, "swd-full": 44.0, "masks-full": 5.0,
+             "filter-full": 2.0, "images-full": 9.0, "sweep": 270.0, "total": 600.0}
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,22 @@ def test_the_paper_sweep_has_21_members_with_the_papers_mixes():
     reduced = next(r for r in rows if r["labels"]["mix"] == "5208 real + 4792 synthetic")["overrides"]
     assert "data.real=/data/real" in reduced and "data.synthetic=stores/synthetic-reduced" in reduced
     assert "data.real_n=5208" in reduced and "data.synthetic_n=4792" in reduced
+    assert not any("augment" in o for r in rows for o in r["overrides"])  # the paper's 21 use no augmentation
+
+
+def test_the_augmentation_extras_add_four_augmented_rows_and_an_unknown_group_is_refused():
+    path = REPO / "configs" / "sweeps" / "table1.yaml"
+    rows = members(load_spec(path, extras=("augmentation",)))
+    assert len(rows) == 33
+    augmented = [r for r in rows if r["labels"]["mix"].endswith("+ augmentation")]
+    assert len(augmented) == 12 and len({r["labels"]["mix"] for r in augmented}) == 4
+    for row in augmented:
+        augment = next(o for o in row["overrides"] if o.startswith("augment="))
+        assert yaml.safe_load(augment.removeprefix("augment="))["rotation"] == {"p": 0.5, "degrees": 15}
+    with_synthetic = next(r for r in augmented if r["labels"]["mix"] == "5208 real + 20832 synthetic + augmentation")
+    assert "data.synthetic=stores/synthetic-reduced" in with_synthetic["overrides"]
+    with pytest.raises(ConfigError, match=r"no extras group 'flips'.*augmentation"):
+        load_spec(path, extras=("flips",))
 
 
 def _write_sweep(path, base, **extra):

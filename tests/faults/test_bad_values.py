@@ -105,8 +105,9 @@ def test_cli_refuses_a_bad_value_with_exit_2_naming_it_and_writes_nothing(tmp_pa
     bad = with_value(UNET, "optim.batch", 0, tmp_path / "bad.yaml")
     text = UNET.read_text()
     repeated = tmp_path / "repeated.yaml"
-    repeated.write_text(text.replace("  batch: 8\n", "  batch: 8\n  batch: 4\n"))
-    first = text.splitlines().index("  batch: 8") + 1
+    batch = next(line for line in text.splitlines() if line.startswith("  batch: "))
+    repeated.write_text(text.replace(f"{batch}\n", f"{batch}\n  batch: 3\n"))
+    first = text.splitlines().index(batch) + 1
     names = {"bad": bad, "repeated": repeated, "line": first + 1, "first": first}
     before = sorted(tmp_path.iterdir())
     result = cli(*(str(a).format(**names) for a in argv), cwd=tmp_path)

@@ -1,5 +1,5 @@
-"""U-Net training for real: resume after SIGKILL and SIGUSR2 is bit-identical, 2-rank DDP equals 1 process, evaluate
-reports what the best model scores, and the trainer learns.
+"""U-Net training for real: resume after SIGKILL and SIGUSR2 is bit-identical (with augmentation), 2-rank DDP
+equals 1 process, evaluate reports what the best model scores, and the trainer learns.
 
 Each run is a real `tumorsynth train` subprocess on the phantom store (64², narrow widths), so signals, process
 groups and files are the real ones.
@@ -20,7 +20,12 @@ import yaml
 PREEMPTED = 75
 
 
-def write_config(path, store, real_n=160, **loop):
+# every transform on, so the resume tests also prove augmentation a pure function of (seed, epoch, batch)
+AUGMENT = {"rotation": {"p": 0.5, "degrees": 15}, "scale": {"p": 0.5, "range": [0.9, 1.1]}, "flip": {"p": 0.5},
+           "elastic": {"p": 0.3, "alpha": 1.5}, "gamma": {"p": 0.3, "range": [0.8, 1.25]}}
+
+
+def write_config(path, store, real_n=160, augment=None, **loop):
     config = {
         "data": {"real": str(store), "real_n": real_n, "classes": 7},
         "model": {"widths": [4, 8, 16, 32], "bridge": 32},
@@ -29,6 +34,7 @@ def write_config(path, store, real_n=160, **loop):
                  **loop},
         "runtime": {"threads": 1},
         "seed": 3,
+        **({"augment": augment} if augment else {}),
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -47,9 +53,9 @@ def assert_identical(a, b):
 
 @pytest.fixture(scope="module")
 def baseline(store_64, tmp_path_factory):
-    """An uninterrupted run: the reference every interrupted run must reproduce bit for bit."""
+    """An uninterrupted, augmented run: the reference every interrupted run must reproduce bit for bit."""
     root = tmp_path_factory.mktemp("baseline")
-    config = write_config(root / "unet.yaml", store_64)
+    config = write_config(root / "unet.yaml", store_64, augment=AUGMENT)
     done = subprocess.run(train_cmd(config, root / "run"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return config, root / "run"

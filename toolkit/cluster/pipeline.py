@@ -122,6 +122,7 @@ class PipelineConfig:
     min_std: NonNegativeFloat = 0.0
     ranks: PositiveInt = 2
     sweep_set: tuple[str, ...] = ()
+    sweep_with: tuple[str, ...] = ()  # the sweep file's extras groups to add (e.g. augmentation)
     profile: str = "local"
     seed: NonNegativeInt = 0
     parallel: PositiveInt = 1
@@ -252,7 +253,7 @@ def _run(cfg: PipelineConfig, cluster: str, state: Path, sweep_timeout: float) -
     if local:
         progress.started("sweep")
     with Sweep.create(Path(cfg.sweep), out / "sweep", cluster, cfg.profile, tuple(cfg.sweep_set),
-                      tuple(f"{k}={v}" for k, v in variables.items())) as sweep:
+                      tuple(f"{k}={v}" for k, v in variables.items()), tuple(cfg.sweep_with)) as sweep:
         begin = time.perf_counter()
         ids = sweep.resume(after=images or None, timeout=sweep_timeout)
         finished = all(row["state"] == "done" for row in sweep.status())

@@ -242,7 +242,7 @@ def _sweep_entry(cfg: PipelineConfig, cluster: str, profile: Profile, rows: dict
     from toolkit.train.unet import UNetRunConfig, network_config
 
     variables = tuple(f"{k}={v}" for k, v in sweep_variables(cfg).items())
-    spec = load_spec(Path(cfg.sweep), tuple(cfg.sweep_set), variables)
+    spec = load_spec(Path(cfg.sweep), tuple(cfg.sweep_set), variables, tuple(cfg.sweep_with))
     state, done, _ = _sweep_state(Path(cfg.out) / "sweep")
     chosen = members(spec)
     flops: float | None = 0.0

@@ -15,6 +15,8 @@ Sweep YAML (configs/sweeps/table1.yaml)::
         "26040 + 0": {data.real_n: 26040, data.synthetic: null}
         "26040 + 8960": {data.real_n: 26040, data.synthetic: "${synthetic_full}", data.synthetic_n: 8960}
     report: {columns: classes, rows: mix}
+    extras:                           # labelled entries added to axes only when asked for (--with augmentation)
+      augmentation: {mix: {"26040 + aug": {data.real_n: 26040, augment: {flip: {p: 0.5}}}}}
 
 The sweep directory holds ``sweep.json`` (the spec and, per member, its labels, overrides, run directory and every
 job id it was submitted under), ``runs/<member>/`` and ``logs/`` (submitit, private: it holds pickled jobs). A
@@ -82,10 +84,12 @@ class SweepSpec:
     report: ReportAxes = field(default_factory=ReportAxes)
 
 
-def load_spec(path: Path, sets: tuple[str, ...] = (), variables: tuple[str, ...] = ()) -> SweepSpec:
-    """Read a sweep file, plus ``key=value`` overrides for every member (after the file's own ``set``) and
-    ``name=value`` variables (over the file's ``vars``); every member's config is checked now, so a typo fails before
-    anything is submitted."""
+def load_spec(path: Path, sets: tuple[str, ...] = (), variables: tuple[str, ...] = (),
+              extras: tuple[str, ...] = ()) -> SweepSpec:
+    """Read a sweep file, plus ``key=value`` overrides for every member (after the file's own ``set``),
+    ``name=value`` variables (over the file's ``vars``) and the named groups of its ``extras`` (their labelled
+    entries appended to their axes); every member's config is checked now, so a typo fails before anything is
+    submitted."""
     path = Path(path)
     doc = configs.safe_load_text(path.read_text(), str(path))  # duplicate keys refused, naming the line
     if not isinstance(doc, dict) or "grid" not in doc:
@@ -94,6 +98,14 @@ def load_spec(path: Path, sets: tuple[str, ...] = (), variables: tuple[str, ...]
     doc["set"] = {**(doc.get("set") or {}), **_parse_sets(sets)}
     doc["set"], doc["grid"] = _substitute(path, doc["set"], names), _substitute(path, doc["grid"], names)
     grid = {axis: _axis(path, axis, values) for axis, values in doc.pop("grid").items()}
+    groups = _substitute(path, doc.pop("extras", None) or {}, names)
+    for name in extras:
+        if name not in groups:
+            raise configs.ConfigError(f"{path}: no extras group {name!r} (extras: {sorted(groups)})")
+        for axis, values in groups[name].items():
+            if axis not in grid:
+                raise configs.ConfigError(f"{path}: extras.{name}.{axis} is not a grid axis ({list(grid)})")
+            grid[axis] = {**grid[axis], **_axis(path, f"extras.{name}.{axis}", values)}
     doc["base"] = str((path.parent / doc["base"]).resolve())
     spec = configs.from_dict(SweepSpec, {**doc, "grid": {}}, source=str(path))
     spec = SweepSpec(**{**spec.__dict__, "grid": grid})
@@ -189,12 +201,12 @@ class Sweep:
 
     @classmethod
     def create(cls, spec_path: Path, root: Path, cluster: str, profile: str, sets: tuple[str, ...] = (),
-               variables: tuple[str, ...] = ()) -> Sweep:
+               variables: tuple[str, ...] = (), extras: tuple[str, ...] = ()) -> Sweep:
         """The sweep directory ``root`` for ``spec_path``, locked for writing until :meth:`close`: a new one is
         written; an existing one is reopened as it is when its definition is this one (:meth:`resume` then submits
         only what is neither done nor queued), and refused naming what differs otherwise (``OptionsChanged``).
         A second writer gets :class:`~toolkit.lock.LockedError` naming the one at work."""
-        spec = load_spec(spec_path, sets, variables)
+        spec = load_spec(spec_path, sets, variables, extras)
         if cluster == "slurm" and not slurmctl.available():  # before anything is written
             raise ClusterError("--cluster slurm: no SLURM controller answers `scontrol ping` (is SLURM_CONF set?)")
         root = Path(root)

@@ -33,6 +33,7 @@ from toolkit.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, Posi
 from toolkit.data.dataset import SliceDataset, Source
 from toolkit.metrics.dice import class_weights, dice_from_sums, soft_sums
 from toolkit.models.unet import BN_MOMENTUM, UNet, UNetConfig
+from toolkit.train.augment import AugmentConfig, augment, draw
 from toolkit.train.distributed import Dist
 from toolkit.train.loader import EpochBatches, EpochLoader, loader, to_device
 from toolkit.train.loop import LoopConfig
@@ -98,6 +99,7 @@ class UNetRunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # none by default, as the paper
     seed: NonNegativeInt = 0
 
     def input_stores(self) -> dict[str, Path]:
@@ -190,7 +192,19 @@ class UNetTask:
     def batches(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
         o = self.cfg.optim  # the rate is a pure function of the epoch, set whenever its batches are asked for
         set_lr(self.optimizer, o.lr * linear_decay(epoch, self.cfg.loop.epochs, o.decay_epochs))
-        return self.train_loader.epoch(epoch, start)
+        batches = self.train_loader.epoch(epoch, start)
+        if not self.cfg.augment.enabled:
+            return batches
+        return (self._augmented(batch, epoch, index) for index, batch in enumerate(batches, start))
+
+    def _augmented(self, batch: dict[str, torch.Tensor], epoch: int, index: int) -> dict[str, torch.Tensor]:
+        """Global batch ``index`` of ``epoch``, this rank's share, on the device and augmented."""
+        image, label = to_device(batch, self.dist.device)
+        share = len(label)
+        params = draw(self.cfg.augment, self.cfg.seed, epoch, index, share * self.dist.world_size)
+        image, label = augment(image, label, params.rows(self.dist.rank * share, (self.dist.rank + 1) * share),
+                               self.stats["max"])
+        return {"image": image, "label": label}
 
     def _forward(self, batch: dict[str, torch.Tensor], net: Callable | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
