@@ -103,6 +103,10 @@ def test_resources_come_from_the_profile_and_gpu_hours_are_estimated_for_every_s
     resources = _by_name(two_nodes)["spade-full"]["resources"]
     assert (resources["nodes"], resources["tasks"], resources["gpus"]) == (2, 4, 4)
     assert " 2×2 " in table(two_nodes)
+    # the augmentation extras add 12 members to the sweep's array, and their GPU-hours
+    augmented = _by_name(plan(replace(cfg, sweep_with=("augmentation",)), "slurm"))["sweep"]
+    assert augmented["resources"]["array"] == augmented["job"]["members"] == 33
+    assert augmented["estimate_gpu_hours"] > hours["sweep"]
     text = table(doc)
     assert "spade-reduced" in text and "250 epochs, reduced prefix" in text and "GPU-hours (estimate)" in text
 
