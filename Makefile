@@ -24,8 +24,9 @@ system-deps:
 
 # pip compiles every installed module to bytecode, ~20 s for torch alone on 2 cores, most of it never imported; the venv
 # skips that and instead writes the bytecode of what the toolkit imports, once (WARM). Without it, a shell that sets
-# PYTHONDONTWRITEBYTECODE (as CI images often do) recompiles torch in every process: `import torch` 6.0 s instead of
-# 2.8 s, torch._dynamo (which torch.optim imports) 13.4 s instead of 5.4 s, and the demo starts ~20 processes.
+# PYTHONDONTWRITEBYTECODE (as our 2-core machines do) recompiles torch in every process: `import torch` took ~6 s
+# instead of 1.7 s, torch._dynamo (which torch.optim imports) ~13 s instead of 2.8 s, and the demo starts ~20
+# processes, the tests hundreds.
 PIP_FAST := --no-compile
 define WARM
 import importlib, pkgutil, torch._dynamo, toolkit

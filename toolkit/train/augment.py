@@ -31,9 +31,12 @@ from toolkit.config import NonNegativeFloat, PositiveFloat, Range
 Probability = Annotated[float, Range(ge=0, le=1)]
 
 
-def _ordered(name: str, bounds: tuple[float, float]) -> None:
+def _ordered(section: object, name: str) -> None:
+    """``section.range`` as a tuple (YAML gives a list), refused unless it is [low, high] with 0 < low ≤ high."""
+    bounds = tuple(section.range)
     if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
         raise ValueError(f"augment.{name}.range: expected [low, high] with 0 < low <= high, got {list(bounds)}")
+    object.__setattr__(section, "range", bounds)
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,7 @@ class Scaling:
     range: tuple[PositiveFloat, PositiveFloat] = (0.85, 1.15)  # s uniform in [low, high]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "range", tuple(self.range))
-        _ordered("scale", self.range)
+        _ordered(self, "scale")
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,7 @@ class Gamma:
     range: tuple[PositiveFloat, PositiveFloat] = (0.7, 1.5)  # γ log-uniform in [low, high]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "range", tuple(self.range))
-        _ordered("gamma", self.range)
+        _ordered(self, "gamma")
 
 
 @dataclass(frozen=True)
