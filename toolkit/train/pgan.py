@@ -9,8 +9,9 @@ Fills in :class:`toolkit.train.loop.Task` with the official recipe (reference: s
   of G (β 0.999) is what snapshots hold;
 - data: the non-empty masks of a real store's training split (optionally its reduced prefix), label values 0…6 mapped
   linearly to [−1, 1], 2×2 box-averaged down to the training resolution when the store is larger;
-- after every tick: ``snapshots/tick-<t>.pt`` (EMA generator + everything generation needs, and the training set:
-  ``store`` and ``reduced``, which ``evaluate swd`` scores against) and a sample grid;
+- after every tick: ``snapshots/tick-<t>.pt`` (EMA generator, the discriminator ``filter dscore`` scores with, all
+  that generation needs, and the training set: ``store`` and ``reduced``, which ``evaluate swd`` scores against) and a
+  sample grid;
 - multi-process (``--dist ddp``): as the official multi-GPU code, each rank takes minibatch / ranks of every minibatch
   and gradients are averaged over ranks; minibatch-stddev therefore sees only the rank's share (groups stay per GPU).
 
@@ -301,7 +302,8 @@ class PGANTask:
         if not self.dist.is_main:
             return summary
         with atomic_path(self.run_dir / "snapshots" / f"tick-{epoch:04d}.pt") as tmp:
-            torch.save({"G_ema": self.nets.G_ema.state_dict(), "model": to_dict(self.cfg.model), "lod": lod,
+            torch.save({"G_ema": self.nets.G_ema.state_dict(), "D": self.nets.D.state_dict(),
+                        "model": to_dict(self.cfg.model), "lod": lod,
                         "kimg": tick.end_nimg / 1000, "tick": epoch, "store": str(self.cfg.data.store),
                         "reduced": self.cfg.data.reduced}, tmp)  # what `evaluate swd` scores against
         with torch.no_grad():
