@@ -288,14 +288,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_filter(args: argparse.Namespace) -> int:
-    from toolkit.filter.zscore import calibrate, filter_store
-
     real, synthetic, out = Path(args.real), Path(args.synthetic), Path(args.out)
+    given = {"zscore": ("real_quantile", "batch", "device"), "dscore": ("reduced", "min_std")}[args.method]
+    wrong = [name for name in given if getattr(args, name) not in (None, False)]
+    if wrong:
+        raise ValueError(f"filter {args.method}: --{wrong[0].replace('_', '-')} is not an option of this filter")
+    if args.method == "zscore":
+        from toolkit.filter import zscore as method
+
+        options = {"reduced": args.reduced, "min_std": args.min_std or 0.0}
+        threshold = 500.0 if args.threshold is None else args.threshold
+    else:
+        from toolkit.filter import dscore as method
+
+        quantile = method.DEFAULT_QUANTILE if args.real_quantile is None else args.real_quantile
+        options = {"batch": args.batch or 64, "device": args.device, "real_quantile": quantile}
+        threshold = args.threshold
     if args.calibrate:
-        doc = calibrate(real, synthetic, out, reduced=args.reduced, min_std=args.min_std)
+        doc = method.calibrate(real, synthetic, out, **options)
         text = "suggested threshold {suggested_threshold} (drops {synthetic_dropped_at_suggested} of synthetic masks)"
     else:
-        doc = filter_store(real, synthetic, out, threshold=args.threshold, reduced=args.reduced, min_std=args.min_std)
+        doc = method.filter_store(real, synthetic, out, threshold=threshold, **options)
         text = ("store is already complete: " if doc.get("already_complete") else "") + (
             "kept {kept}, dropped {dropped} ({dropped_percent:.3f} %) at threshold {threshold}; details in {csv}")
     if doc:  # rank 0 only: the other MPI ranks print nothing
@@ -418,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used by the README's CLI reference)."""
     from typing import Annotated
 
-    from toolkit.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, Threshold
+    from toolkit.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
 
     # ints ≥ 1, ints ≥ 0 (seeds, DataLoader workers), floats > 0
     count, natural, positive = (_number(t) for t in (PositiveInt, NonNegativeInt, PositiveFloat))
@@ -532,15 +545,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", action=argparse.BooleanOptionalAction, default=False, help="also export PNGs")
     p.set_defaults(fn=_cmd_generate)
 
-    p = sub.add_parser("filter", help="drop corrupt synthetic masks by their Z-score norm (MPI-parallel)")
-    p.add_argument("method", choices=("zscore",))
+    p = sub.add_parser("filter", help="drop corrupt synthetic masks by their Z-score norm or the PGAN discriminator's "
+                       "score (MPI-parallel)")
+    p.add_argument("method", choices=("zscore", "dscore"))
     p.add_argument("--real", required=True, help="the real store the PGAN learned")
     p.add_argument("--synthetic", required=True)
     p.add_argument("--out", required=True, help="output store (or, with --calibrate, a folder for the curve)")
-    p.add_argument("--threshold", type=_number(Threshold), default=500.0)
-    p.add_argument("--reduced", action="store_true", help="statistics over the reduced training prefix")
-    p.add_argument("--min-std", type=_number(NonNegativeFloat), default=0.0,
-                   help="floor σ at this value (default 0: a σ = 0 pixel that differs from μ drops the mask)")
+    p.add_argument("--threshold", type=_number(Annotated[float, Range(inf=True)]),
+                   help="zscore: drop norms above it (default 500); dscore: drop scores below it (default: from "
+                        "--real-quantile)")
+    p.add_argument("--reduced", action="store_true", help="zscore: statistics over the reduced training prefix")
+    p.add_argument("--min-std", type=_number(NonNegativeFloat),
+                   help="zscore: floor σ at this value (default 0: a σ = 0 pixel that differs from μ drops the mask)")
+    p.add_argument("--real-quantile", type=_number(Annotated[float, Range(ge=0, lt=1)]),
+                   help="dscore: threshold at this quantile of the real validation masks' scores (default 0.01)")
+    p.add_argument("--batch", type=count, help="dscore: masks per discriminator call (default 64)")
+    p.add_argument("--device", help="dscore: cpu, cuda or cuda:N (default: this rank's GPU if any)")
     p.add_argument("--calibrate", action="store_true", help="drop fractions versus threshold and a suggestion")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_filter)

@@ -3,8 +3,9 @@
 
 Phantom cohort → :func:`toolkit.cluster.pipeline.run_pipeline` with the repository's demo configs (prepare at 64²;
 PGAN and SPADE side by side, one core each; SWD of every tick on 2 MPI ranks, synthetic masks from the best tick, the
-z-score filter on 2 MPI ranks, a synthetic MR for every kept mask; then the Table-1-shaped sweep of
-configs/sweeps/demo.yaml, 3 class sets × 3 real/synthetic mixes, two members at a time) → report. On ``slurm`` the
+z-score filter, then the discriminator-score filter, each on 2 MPI ranks, a synthetic MR for every kept mask; then the
+Table-1-shaped sweep of configs/sweeps/demo.yaml, 3 class sets × 3 real/synthetic mixes, two members at a time) →
+report. On ``slurm`` the
 demo queues the same jobs on a cluster (the local one of slurm/local/start.sh, or a real one with ``--profile``) and
 waits for them. Every step skips finished work, so a re-run of the demo resumes.
 
@@ -43,7 +44,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's
 PAPER_SIZE, PAPER_THRESHOLD = 256, 500.0
 # Wall seconds of each step on the reference 2-core machine (PGAN and SPADE overlap): the progress lines' estimates.
 ESTIMATES = {"prepare": 22.0, "pgan-full": 184.0, "spade-full": 230.0, "swd-full": 44.0, "masks-full": 5.0,
-             "filter-full": 2.0, "images-full": 9.0, "sweep": 270.0, "total": 600.0}
+             "filter-zscore-full": 2.0, "filter-full": 4.0, "images-full": 9.0, "sweep": 270.0,
+             "total": 606.0}
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,10 @@ class DemoConfig:
     size: int = 64
     workers: int = 2
     swd_images: int = 512
-    masks: int = 940  # ≈ the real training slices after the filter's ~21 % drops: the sweep's mixes stay balanced
+    masks: int = 1050  # ≈ the real training slices after the filters' ~23 % + ~10 % drops: the mixes stay balanced
     min_std: float = 0.1
+    filters: tuple[str, ...] = ("zscore", "dscore")
+    dscore_quantile: float = 0.01
     cluster: str = "local"
     profile: str = "local"
     timeout_s: float = 3600.0
@@ -71,7 +75,8 @@ def pipeline_config(config: DemoConfig) -> PipelineConfig:
     """The demo as a pipeline: one (full) branch, the repository's demo configs."""
     return PipelineConfig(out=Path(config.out), cohort=Path(config.out) / "cohort", size=config.size,
                           workers=config.workers, branches=("full",), swd_images=config.swd_images,
-                          masks=config.masks, threshold=config.threshold, min_std=config.min_std, ranks=2,
+                          masks=config.masks, filter=config.filters, threshold=config.threshold,
+                          min_std=config.min_std, dscore_quantile=config.dscore_quantile, ranks=2,
                           seed=config.seed, parallel=config.workers, estimates=tuple(ESTIMATES.items()),
                           pgan=TrainStep(CONFIGS / "demo-pgan.yaml"),
                           spade=TrainStep(CONFIGS / "demo-spade.yaml"),
@@ -100,7 +105,8 @@ def run_demo(config: DemoConfig) -> Path:
     timings.update(result["seconds"])
     if config.cluster == "slurm":
         _timed(timings, "queued jobs (slurm)", lambda: _wait(result["jobs"], out / "sweep", config.timeout_s))
-    calibration = _timed(timings, "filter calibration", lambda: _calibrate(out, config.threshold))
+    calibration = _timed(timings, "filter calibration", lambda: _calibrate(out, config.threshold,
+                                                                                config.dscore_quantile))
     table = Sweep(out / "sweep").report()
     timings["total"] = time.perf_counter() - begin
     timings = _remembered(out / "timings.json", timings)
@@ -124,10 +130,10 @@ def _header(config: DemoConfig) -> list[str]:
     where = f"SLURM (profile {config.profile})" if config.cluster == "slurm" else "this machine"
     return ["# tumorsynth demo report", "",
             f"The paper's pipeline, end to end, on {config.subjects} phantom subjects (seed {config.seed}) at "
-            f"{config.size}², on {where}: prepare → PGAN masks → SWD → Z-score filter → SPADE images → the U-Net "
-            "sweep of Table 1. Networks and schedules are demo-sized (minutes on 2 CPU cores, not the paper's GPU "
-            "days); §6 lists what each model had to reach. Numbers are deterministic on one machine; another CPU "
-            "gives slightly different floats (see the README).", ""]
+            f"{config.size}², on {where}: prepare → PGAN masks → SWD → Z-score and D-score filters → SPADE images → "
+            "the U-Net sweep of Table 1. Networks and schedules are demo-sized (minutes on 2 CPU cores, not the "
+            "paper's GPU days); §6 lists what each model had to reach. Numbers are deterministic on one machine; "
+            "another CPU gives slightly different floats (see the README).", ""]
 
 
 def _wait(jobs: dict[str, str], sweep_dir: Path, timeout: float) -> None:
@@ -147,17 +153,24 @@ def _wait(jobs: dict[str, str], sweep_dir: Path, timeout: float) -> None:
         time.sleep(2.0)  # polling the controller and the run directories
 
 
-def _calibrate(out: Path, threshold: float) -> dict[str, Any]:
-    """The strict rule's calibration curve (0 … 4 × threshold) and its drop rate at ``threshold``."""
+def _calibrate(out: Path, threshold: float, dscore_quantile: float | None = None) -> dict[str, Any]:
+    """The strict z-score rule's calibration curve (0 … 4 × threshold) and its drop rate at ``threshold``; when the
+    pipeline ran the D-score filter (``stores/kept-full`` is its output), its calibration under ``dscore``."""
     import numpy as np
     from mpi4py import MPI
 
-    from toolkit.filter.zscore import calibrate
+    from toolkit.data.store import Store
+    from toolkit.filter import dscore, zscore
 
     grid = np.linspace(0.0, 4 * threshold, 401)
-    doc = calibrate(out / "store", out / "stores" / "masks-full", out / "calibration", thresholds=grid,
-                    comm=MPI.COMM_SELF)
+    doc = zscore.calibrate(out / "store", out / "stores" / "masks-full", out / "calibration", thresholds=grid,
+                           comm=MPI.COMM_SELF)
     with open(out / "calibration" / "calibration.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     at_threshold = int(np.argmin(np.abs(grid - threshold)))  # the grid point that is the threshold
-    return {**doc, "strict_dropped": float(rows[at_threshold]["synthetic_dropped"])}
+    doc = {**doc, "strict_dropped": float(rows[at_threshold]["synthetic_dropped"])}
+    kept = Store(out / "stores" / "kept-full").manifest.provenance
+    if kept.get("filter") == "dscore" and dscore_quantile is not None:
+        doc["dscore"] = dscore.calibrate(out / "store", Path(kept["synthetic"]), out / "calibration-dscore",
+                                         real_quantile=dscore_quantile, comm=MPI.COMM_SELF)
+    return doc

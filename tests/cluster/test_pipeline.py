@@ -2,6 +2,7 @@
 filter's choice checked against norms computed here, MPI steps on 2 ranks, the sweep over the synthetic store it made,
 and a re-run that skips everything."""
 
+import csv
 import json
 import re
 import shutil
@@ -71,10 +72,11 @@ def tiny_pipeline(cohort, tmp_path_factory):
                          "real + synthetic": {"data.synthetic": "${synthetic}", "data.synthetic_n": 8}}}})
     # A 1-kimg PGAN's masks are noise with stray labels where every real mask is background (σ = 0), so the strict
     # rule drops them all; σ floored at 0.5 ranks them instead (measured norms 330-533, median 452), and 485 keeps
-    # most (the sweep needs 8) and drops some.
+    # most (the sweep needs 8) and drops some. A 1-kimg D scores every such mask below every real one, so the D-score
+    # stage's quantile rule would keep none (which its job refuses); an absolute threshold below them all keeps them.
     cfg = PipelineConfig(out=out, cohort=cohort, pgan=TrainStep(pgan), spade=TrainStep(spade), sweep=sweep, size=64,
                          workers=2, branches=("full",), swd_images=32, masks=40, ranks=2, threshold=485.0,
-                         min_std=0.5)
+                         min_std=0.5, filter=("zscore", "dscore"), dscore_threshold=-1e9)
     return cfg, run_pipeline(cfg, "local")
 
 
@@ -84,7 +86,8 @@ def test_local_pipeline_prepares_filters_and_runs_every_step_then_skips_them(tin
     out = Path(cfg.out)
     jobs = result["jobs"]
     assert all(jobs[s] == "ran" for s in (
-        "prepare", "pgan-full", "swd-full", "masks-full", "filter-full", "spade-full", "images-full"))
+        "prepare", "pgan-full", "swd-full", "masks-full", "filter-zscore-full", "filter-full", "spade-full",
+        "images-full"))
     # prepare ran on the cohort: the same slices as the session's store prepared from it with the same options
     for split in ("train", "val", "test"):
         mine, session = _split_rows(out / "store", split), _split_rows(store_64, split)
@@ -93,11 +96,21 @@ def test_local_pipeline_prepares_filters_and_runs_every_step_then_skips_them(tin
     masks = Store(out / "stores" / "masks-full").read("train")["label"]
     keep = _floored_norms(out / "store", masks.astype(np.float64), 0.5) <= 485.0
     assert len(masks) == 40 and 8 <= keep.sum() < 40, sorted(_floored_norms(out / "store", masks, 0.5))
+    zscored = Store(out / "stores" / "zscore-full")
+    assert zscored.manifest.provenance["kept"] == keep.sum() and zscored.manifest.provenance["real_masks"] > 0
+    assert np.array_equal(zscored.read("train")["label"], masks[keep])
+    # then the D-score stage: of those, exactly the rows its CSV marks kept, those scoring ≥ its threshold
+    with open(out / "stores" / "kept-full" / "dscore.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
     kept = Store(out / "stores" / "kept-full")
-    assert kept.manifest.provenance["kept"] == keep.sum() and kept.manifest.provenance["real_masks"] > 0
-    assert np.array_equal(kept.read("train")["label"], masks[keep])
+    chain = kept.manifest.provenance
+    d_keep = np.array([r["kept"] == "1" for r in rows])
+    assert len(rows) == keep.sum() and chain["filter"] == "dscore" and chain["source"]["filter"] == "zscore"
+    assert chain["threshold"] == -1e9 and chain["real_quantile"] is None
+    assert np.array_equal(d_keep, np.array([float(r["score"]) for r in rows]) >= chain["threshold"])
+    assert chain["kept"] == d_keep.sum() >= 8 and np.array_equal(kept.read("train")["label"], masks[keep][d_keep])
     synthetic = Store(out / "stores" / "synthetic-full").manifest
-    assert synthetic.has_image and synthetic.splits["train"].n == keep.sum()
+    assert synthetic.has_image and synthetic.splits["train"].n == d_keep.sum()
     assert synthetic.provenance["masks"] == str((out / "stores" / "kept-full").resolve())
     assert (out / "runs" / "pgan-full" / "snapshots" / "best").exists()
     members = json.loads((out / "sweep" / "sweep.json").read_text())["members"]
@@ -148,6 +161,39 @@ def test_the_paper_pipeline_config_builds_both_branches_in_dependency_order(tmp_
     assert _uses_mpi(by_name["spade-full"].job) and by_name["spade-full"].tasks == 2
 
 
+def test_filter_stages_chain_in_the_order_given_and_the_last_one_writes_the_kept_store():
+    from dataclasses import replace
+
+    from toolkit.cluster.pipeline import steps
+    from toolkit.config import load
+
+    cfg = replace(load(PipelineConfig, REPO / "configs" / "pipeline" / "paper.yaml"), filter=("zscore", "dscore"),
+                  dscore_quantile=0.05)
+    by_name = {s.name: s for s in steps(cfg, "slurm")}
+    stores = Path(cfg.out) / "stores"
+    for b in ("full", "reduced"):
+        first, last = by_name[f"filter-zscore-{b}"], by_name[f"filter-{b}"]
+        assert first.after == (f"masks-{b}",) and last.after == (f"filter-zscore-{b}",)
+        assert (first.job.method, first.job.synthetic, first.job.out) == ("zscore", stores / f"masks-{b}",
+                                                                          stores / f"zscore-{b}")
+        assert (last.job.method, last.job.synthetic, last.job.out) == ("dscore", stores / f"zscore-{b}",
+                                                                       stores / f"kept-{b}")
+        assert first.job.threshold == 500.0 and last.job.threshold is None and last.job.real_quantile == 0.05
+        assert first.tasks == last.tasks == cfg.ranks
+        assert by_name[f"images-{b}"].job.masks == stores / f"kept-{b}"
+    only_d = {s.name: s for s in steps(replace(cfg, filter=("dscore",)), "slurm")}
+    assert only_d["filter-full"].job.method == "dscore" and only_d["filter-full"].job.synthetic == stores / "masks-full"
+    assert not any(name.startswith("filter-zscore") for name in only_d)
+
+
+@pytest.mark.parametrize("stages", [[], ["zscore", "zscore"], ["zscore", "sharpness"]])
+def test_a_filter_list_that_is_empty_repeats_or_names_an_unknown_stage_is_refused(stages):
+    from toolkit.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="filter: expected distinct stages among"):
+        load(PipelineConfig, REPO / "configs" / "pipeline" / "paper.yaml", [f"filter={json.dumps(stages)}"])
+
+
 @pytest.mark.mpi
 def test_demo_report_has_every_section_in_order_and_every_linked_figure_exists(tiny_pipeline):
     """The report's structure, not its numbers (those belong to the demo run): rendered from the tiny pipeline."""
@@ -158,16 +204,20 @@ def test_demo_report_has_every_section_in_order_and_every_linked_figure_exists(t
     cfg, result = tiny_pipeline
     out = Path(cfg.out)
     text = render(out, header=["# report", ""], table=Sweep(out / "sweep").report(),
-                  calibration=_calibrate(out, cfg.threshold), threshold=cfg.threshold, min_std=cfg.min_std,
+                  calibration=_calibrate(out, cfg.threshold, cfg.dscore_quantile), threshold=cfg.threshold,
+                  min_std=cfg.min_std,
                   timings={**result["seconds"], "total": sum(result["seconds"].values())})
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert [h.split(" ", 2)[1] for h in headings] == ["1.", "2.", "3.", "4.", "5.", "6.", "7."]
     links = re.findall(r"!\[[^]]*]\(([^)]+)\)", text)
-    # PGAN's SWD curve and tick 0's sample grid (and the best tick's, where that is another), the filter's
-    # calibration and dropped masks, SPADE's grid, Table 1's bars and the segmentation figure of each real-only
-    # member (7 and 2 classes)
+    # PGAN's SWD curve and tick 0's sample grid (and the best tick's, where that is another), each filter's
+    # calibration and dropped masks (the D-score stage's where it dropped any), SPADE's grid, Table 1's bars and the
+    # segmentation figure of each real-only member (7 and 2 classes)
     improved = (out / "runs" / "pgan-full" / "snapshots" / "best").read_text().strip() != "tick-0000"
-    assert len(links) == 8 + improved == len(set(links)) and all((out / link).is_file() for link in links), links
+    d_dropped = Store(out / "stores" / "kept-full").manifest.provenance["dropped"] > 0
+    assert len(links) == 9 + improved + d_dropped == len(set(links)), links
+    assert all((out / link).is_file() for link in links), links
+    assert "## 3. Filters: Z-score, then discriminator score" in text
     assert "figure missing" not in text
     assert "| real + synthetic |" in text and "| class-mean baseline |" in text
     checks = [line for line in text.split("## 6.")[1].split("## 7.")[0].splitlines() if line.startswith("| U-Net")]

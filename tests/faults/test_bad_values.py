@@ -97,7 +97,7 @@ def test_bad_value_in_a_sweep_member_is_refused_before_submission(tmp_path):
      "{repeated}: not valid YAML: line {line}: duplicate key 'batch' (first given on line {first})"),
     (["pipeline", "run", PIPELINE, "--set", "out=out", "--set", "masks=-1"], "--set: masks: expected an int ≥ 1"),
     (["filter", "zscore", "--real", "real", "--synthetic", "synthetic", "--out", "out", "--threshold", "nan"],
-     "argument --threshold: expected a float ≥ 0 or infinity, got nan"),
+     "argument --threshold: expected a float or infinity, got nan"),
     (["generate", "masks", "run", "--n", "-1", "--out", "out"], "argument --n: expected an int ≥ 1, got -1"),
     (["prepare", "cohort", "out", "--workers", "-3"], "argument --workers: expected an int ≥ 1, got -3"),
 ], ids=["file", "repeated-key", "pipeline", "filter-threshold", "generate-n", "prepare-workers"])

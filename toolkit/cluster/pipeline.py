@@ -4,8 +4,8 @@ Per branch (``full`` trains the generators on the whole real training split, ``r
 every reduced step reads only that prefix: the PGAN and SPADE through ``data.reduced``, the SWD evaluation and the
 filter through their ``reduced`` option):
 
-    prepare → pgan → swd (MPI) → masks → filter (MPI) ┐
-            └──────────────→ spade ───────────────────┴→ images ─→ sweep (all branches) → report
+    prepare → pgan → swd (MPI) → masks → filter(s) (MPI) ┐
+            └──────────────→ spade ──────────────────────┴→ images ─→ sweep (all branches) → report
 
 The sweep file's variables ``real``, ``synthetic_full``, ``synthetic_reduced`` (and ``synthetic``, the first
 branch's store) are set to the pipeline's stores. On ``slurm`` every step is a job that waits for its parents
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import subprocess
@@ -56,7 +57,7 @@ from toolkit.cluster import slurmctl
 from toolkit.cluster.executors import ClusterError, executor, load_profile
 from toolkit.cluster.private import private_dir
 from toolkit.cluster.sweep import Sweep
-from toolkit.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Threshold
+from toolkit.config import Decay, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Threshold
 from toolkit.data.prepare import PrepareConfig
 from toolkit.lock import WriterLock
 from toolkit.mpi import clean_environment, mpirun_prefix
@@ -64,6 +65,7 @@ from toolkit.mpi import clean_environment, mpirun_prefix
 log = logging.getLogger(__name__)
 
 BRANCHES = ("full", "reduced")
+FILTERS = ("zscore", "dscore")
 
 
 PIPELINE_KEYS = ("data.store", "data.reduced")  # what the pipeline sets in every training config itself
@@ -105,7 +107,10 @@ class PipelineConfig:
     a step. ``estimates``: expected seconds per step name (e.g. measured on a reference machine), ``sweep`` for the
     sweep and optionally ``total`` for the whole run's wall time (else their sum): the progress lines' "about m:ss
     left". ``subjects``: which subjects of ``cohort`` the ``prepare`` step ingests, a glob of their folder under it
-    (``HGG/*``: BraTS 2018's 210 high-grade subjects) or of their names; None ingests them all.
+    (``HGG/*``: BraTS 2018's 210 high-grade subjects) or of their names; None ingests them all. ``filter``: the filter
+    stages in the order they run (:func:`filter_steps`): ``zscore`` (``threshold``, ``min_std``) and/or ``dscore``
+    (the PGAN discriminator's score, threshold ``dscore_threshold`` if given, e.g. what ``filter dscore --calibrate``
+    suggested, else the ``dscore_quantile`` of the real validation masks' scores).
     """
 
     out: Path
@@ -118,8 +123,11 @@ class PipelineConfig:
     branches: tuple[str, ...] = ("full", "reduced")
     swd_images: PositiveInt = 16384
     masks: PositiveInt = 100_000
-    threshold: Threshold = 500.0  # .inf keeps every mask
+    filter: tuple[str, ...] = ("zscore",)  # the filter stages, in order: zscore, dscore or both
+    threshold: Threshold = 500.0  # the z-score filter's; .inf keeps every mask
     min_std: NonNegativeFloat = 0.0
+    dscore_quantile: Decay = 0.01  # the D-score filter drops masks scoring below this quantile of real ones
+    dscore_threshold: float | None = None  # ... or below this score (None: the quantile rule)
     ranks: PositiveInt = 2
     sweep_set: tuple[str, ...] = ()
     sweep_with: tuple[str, ...] = ()  # the sweep file's extras groups to add (e.g. augmentation)
@@ -137,6 +145,10 @@ class PipelineConfig:
         unknown = [b for b in self.branches if b not in BRANCHES]
         if unknown:
             raise ValueError(f"branches: {unknown} are not among {BRANCHES}")
+        if not self.filter or len(set(self.filter)) < len(self.filter) or set(self.filter) - set(FILTERS):
+            raise ValueError(f"filter: expected distinct stages among {FILTERS}, got {list(self.filter)}")
+        if self.dscore_threshold is not None and not math.isfinite(self.dscore_threshold):
+            raise ValueError(f"dscore_threshold: expected a finite score or null, got {self.dscore_threshold}")
 
 
 @dataclass(frozen=True)
@@ -173,14 +185,28 @@ def steps(cfg: PipelineConfig, cluster: str = "local") -> list[Step]:
             Step(f"swd-{b}", EvaluateSWDJob(pgan, images=cfg.swd_images, reduced=b == "reduced"), (f"pgan-{b}",),
                  lambda d=pgan: (d / "snapshots" / "best").exists(), tasks=cfg.ranks),
             Step(f"masks-{b}", GenerateMasksJob(pgan, cfg.masks, masks, seed=cfg.seed), (f"swd-{b}",), manifest(masks)),
-            Step(f"filter-{b}", FilterJob(store, masks, kept, threshold=cfg.threshold, reduced=b == "reduced",
-                                          min_std=cfg.min_std),
-                 (f"masks-{b}",), manifest(kept), tasks=cfg.ranks),
+            *filter_steps(cfg, b, store, masks, kept),
             Step(f"spade-{b}", TrainJob("spade", Path(cfg.spade.config), spade, cfg.spade.overrides(b, store),
                                         backend), ("prepare",), lambda d=spade: (d / "DONE").exists(), tasks=gpus),
             Step(f"images-{b}", GenerateImagesJob(spade, kept, synthetic), (f"filter-{b}", f"spade-{b}"),
                  manifest(synthetic)),
         ]
+    return result
+
+
+def filter_steps(cfg: PipelineConfig, branch: str, store: Path, masks: Path, kept: Path) -> list[Step]:
+    """The filter stages of ``branch``, each reading the store the one before kept: all but the last are
+    ``filter-<name>-<branch>`` writing ``stores/<name>-<branch>``; the last is ``filter-<branch>`` writing ``kept``."""
+    result, source, after = [], masks, f"masks-{branch}"
+    for k, name in enumerate(cfg.filter):
+        last = k == len(cfg.filter) - 1
+        out = kept if last else kept.parent / f"{name}-{branch}"
+        step = f"filter-{branch}" if last else f"filter-{name}-{branch}"
+        job = FilterJob(store, source, out, method=name,
+                        threshold=cfg.threshold if name == "zscore" else cfg.dscore_threshold,
+                        reduced=branch == "reduced", min_std=cfg.min_std, real_quantile=cfg.dscore_quantile)
+        result.append(Step(step, job, (after,), lambda d=out: (d / "manifest.json").exists(), tasks=cfg.ranks))
+        source, after = out, step
     return result
 
 

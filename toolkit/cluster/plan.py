@@ -156,6 +156,9 @@ def _what(step: Step, run: Any, cfg: PipelineConfig) -> str:
         return f"SWD of every snapshot, {job.images} images vs {real}"
     if isinstance(job, GenerateMasksJob):
         return f"{job.n} masks from the best snapshot"
+    if isinstance(job, FilterJob) and job.method == "dscore":
+        return (f"D score ≥ {job.threshold:g}" if job.threshold is not None else
+                f"D score ≥ the {job.real_quantile:g}-quantile of the real validation masks'")
     if isinstance(job, FilterJob):
         return f"z-score ≤ {job.threshold:g} vs {'reduced prefix' if job.reduced else 'full train split'}"
     if isinstance(job, GenerateImagesJob):
@@ -226,7 +229,11 @@ def _step_cost(step: Step, run: Any, by_run: dict[Path, Any], rows: dict[str, An
     if isinstance(job, GenerateImagesJob):  # at most every generated mask is kept
         spade = by_run[Path(job.run_dir)]
         return cost.spade_generate_flops(spade.model, cfg.masks), cost.throughput(gpu, spade.runtime.precision)
-    return 0.0, cost.throughput(gpu)  # prepare, filter: CPU work
+    if isinstance(job, FilterJob) and job.method == "dscore":  # D forwards of every mask and the real validation set
+        pgan = by_run[Path(cfg.out) / "runs" / f"pgan-{'reduced' if job.reduced else 'full'}"]
+        images = cfg.masks + (rows["val"] if rows else 0)
+        return images * cost.pgan_forward(pgan.model, 0.0)[1], cost.throughput(gpu, "fp32")
+    return 0.0, cost.throughput(gpu)  # prepare, the z-score filter: CPU work
 
 
 def _estimate(flops: float | None, tp: cost.Throughput | None) -> dict[str, Any]:

@@ -102,13 +102,36 @@ def pgan_section(out: Path, branch: str = "full") -> tuple[list[str], list[Check
     return lines, [check]
 
 
+def filter_stages(out: Path, branch: str = "full") -> list[tuple[Path, dict[str, Any]]]:
+    """(store, provenance) of each filter stage of ``branch``, first to last, from the kept store's provenance chain
+    (each stage records its input's provenance as ``source`` and its input store as ``synthetic``)."""
+    store = out / "stores" / f"kept-{branch}"
+    stages = []
+    doc = Store(store).manifest.provenance
+    while isinstance(doc, dict) and "filter" in doc:
+        stages.insert(0, (store, doc))
+        store, doc = Path(doc["synthetic"]), doc.get("source")
+    return stages
+
+
 def filter_section(out: Path, calibration: dict[str, Any], threshold: float, min_std: float,
                    branch: str = "full") -> list[str]:
-    kept = Store(out / "stores" / f"kept-{branch}").manifest.provenance
+    stages = filter_stages(out, branch)
+    names = [doc["filter"] for _, doc in stages]
+    title = "## 3. Z-score filter" if names == ["zscore"] else "## 3. Filters: " + ", then ".join(
+        {"zscore": "Z-score", "dscore": "discriminator score"}[name] for name in names)
+    lines = [title, ""]
+    for store, doc in stages:
+        lines += (_zscore_part(out, store, doc, calibration, threshold, min_std) if doc["filter"] == "zscore"
+                  else _dscore_part(out, store, doc, calibration.get("dscore")))
+    return lines
+
+
+def _zscore_part(out: Path, store: Path, kept: dict[str, Any], calibration: dict[str, Any], threshold: float,
+                 min_std: float) -> list[str]:
     strict = 100 * calibration["strict_dropped"]
     suggested = calibration.get("suggested_threshold")
     return [
-        "## 3. Z-score filter", "",
         f"Each synthetic mask's per-pixel Z-scores against the real training masks (mean and σ per pixel), summed as "
         f"a norm; a mask above the threshold is dropped as corrupt. Threshold **{threshold:g}**: the paper's 500 at "
         f"256², scaled by √pixels to this size. With σ floored at {min_std:g} (the demo's setting): kept "
@@ -121,8 +144,35 @@ def filter_section(out: Path, calibration: dict[str, Any], threshold: float, min
         + (f"{suggested:.1f}." if suggested is not None else "none."), "",
         *_figure(out, out / "calibration" / "calibration.png",
                  "Calibration: fraction of real validation vs synthetic masks dropped against the threshold"),
-        *_figure(out, out / "stores" / f"kept-{branch}" / "dropped.png", "Examples of dropped masks"),
+        *_dropped(out, store, kept, "Z-score"),
     ]
+
+
+def _dscore_part(out: Path, store: Path, kept: dict[str, Any], calibration: dict[str, Any] | None) -> list[str]:
+    rule = (f"below the {kept['real_quantile']:g}-quantile of the real validation masks' scores (threshold "
+            f"{kept['threshold']:.3g})" if kept.get("real_quantile") is not None else
+            f"below the threshold {kept['threshold']:.3g}")
+    lines = [
+        f"The paper's proposed and untried second filter: the discriminator of the snapshot that generated the masks "
+        f"({Path(kept['snapshot']).name}) scores every mask the stage before kept (higher: more like a real mask), "
+        f"and masks scoring {rule} are dropped: kept {kept['kept']}, dropped {kept['dropped']} "
+        f"(**{kept['dropped_percent']:.2f} %**)."
+        + (f" The same rule drops {100 * kept['real_quantile']:g} % of the unseen real masks." if
+           kept.get("real_quantile") is not None else ""), ""]
+    if calibration and calibration.get("suggested_threshold") is not None:
+        lines += [f"Calibration: {calibration['real_masks']} real validation masks against "
+                  f"{calibration['synthetic_masks']} synthetic ones; dropping at most the same share of real masks, "
+                  f"the threshold {calibration['suggested_threshold']:.3g} would drop "
+                  f"{100 * calibration['synthetic_dropped_at_suggested']:.1f} % of the synthetic ones.", "",
+                  *_figure(out, Path(calibration["plot"]), "D-score calibration: fraction of real validation vs "
+                           "synthetic masks dropped against the threshold")]
+    return [*lines, *_dropped(out, store, kept, "D-score")]
+
+
+def _dropped(out: Path, store: Path, kept: dict[str, Any], name: str) -> list[str]:
+    if not kept["dropped"]:
+        return [f"The {name} filter dropped no mask.", ""]
+    return _figure(out, store / "dropped.png", f"Examples of masks the {name} filter dropped")
 
 
 def spade_section(out: Path, branch: str = "full") -> tuple[list[str], list[Check]]:
