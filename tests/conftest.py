@@ -1,5 +1,6 @@
 """Shared fixtures: a small phantom cohort and its prepared store, built once per test session."""
 
+import signal
 import socket
 import subprocess
 import sys
@@ -117,6 +118,27 @@ def _interrupt(cmd: list[str], run_dir: Path, sig: int, timeout: float = 300) ->
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_at(cmd: list[str], run_dir: Path, checkpoint: str, timeout: float = 300) -> dict:
+    """Start a run, SIGKILL it once its ``latest`` checkpoint is ``checkpoint`` or newer, and return that
+    checkpoint's state (what a resume starts from)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    deadline = time.monotonic() + timeout
+    while not latest.exists() or latest.read_text().strip() < checkpoint:
+        assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {checkpoint}"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return torch.load(latest.parent / latest.read_text().strip(), weights_only=True)
+
+
+@pytest.fixture
+def kill_at():
+    """``kill_at(cmd, run_dir, "ckpt-000000080.pt")``: kill the run once it checkpointed that far; its state then."""
+    return _kill_at
 
 
 @pytest.fixture

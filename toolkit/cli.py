@@ -212,15 +212,22 @@ def _dry_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _swd_text(doc: dict[str, Any]) -> str:
+    lines = [f"{doc['snapshots']} snapshots scored ({doc['scored_now']} now, {doc['ranks']} ranks); best "
+             f"{doc['best']} with SWD {doc['best_swd_avg']:.3f}"]
+    lines += [f"  bin {r['bin']} (slices {r['first_slice']}–{r['last_slice']}, {r['real']} real): SWD "
+              + (f"{r['swd_avg']:.3f}" if r["real"] else "— (no real masks)") for r in doc.get("swd_bins", ())]
+    return "\n".join(lines)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.model == "swd":
         from toolkit.train.pgan_eval import evaluate_snapshots
 
         doc = evaluate_snapshots(Path(args.run), real=Path(args.real) if args.real else None, images=args.images,
-                                 seed=args.seed, device=args.device)
+                                 seed=args.seed, device=args.device, per_bin=args.per_bin)
         if doc:  # rank 0 only: the other MPI ranks print nothing
-            _emit(args, doc, lambda d: f"{d['snapshots']} snapshots scored ({d['scored_now']} now, {d['ranks']} "
-                  f"ranks); best {d['best']} with SWD {d['best_swd_avg']:.3f}")
+            _emit(args, doc, _swd_text)
         return 0
     from toolkit.train.unet_eval import evaluate_run
 
@@ -313,6 +320,18 @@ def _cmd_filter(args: argparse.Namespace) -> int:
             "kept {kept}, dropped {dropped} ({dropped_percent:.3f} %) at threshold {threshold}; details in {csv}")
     if doc:  # rank 0 only: the other MPI ranks print nothing
         _emit(args, doc, lambda d: text.format(**d))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from toolkit.atomic import write_bytes
+    from toolkit.report.pgan import compare, render
+
+    doc = compare([Path(r) for r in args.runs], [Path(f) for f in args.filtered])
+    text = render(doc)
+    if args.out:
+        write_bytes(Path(args.out), text.encode())
+    _emit(args, doc, lambda _: text if not args.out else f"wrote {args.out}")
     return 0
 
 
@@ -501,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--real", help="swd: real store (default: the one the PGAN trained on)")
     p.add_argument("--images", type=count, default=16384, help="swd: images per set (official protocol: 16,384)")
+    p.add_argument("--per-bin", action="store_true", help="swd: also score the best snapshot of a slice-conditioned "
+                   "run per slice bin (RUN/swd-bins.csv)")
     p.add_argument("--seed", type=natural, default=0)
     p.add_argument("--store", help="store to evaluate on (default: the run's real store)")
     p.add_argument("--split", default="test")
@@ -564,6 +585,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="drop fractions versus threshold and a suggestion")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_filter)
+
+    p = sub.add_parser("compare", help="pgan: scored PGAN runs side by side (SWD, filter drop rates, per slice bin)")
+    p.add_argument("model", choices=("pgan",))
+    p.add_argument("runs", nargs="+", metavar="RUN", help="PGAN run directories scored by `evaluate swd`")
+    p.add_argument("--filtered", action="append", default=[], metavar="STORE",
+                   help="a filter's output store of each run's masks, in the runs' order (repeat once per run)")
+    p.add_argument("--out", help="write the Markdown here (default: print it)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_compare)
 
     p = sub.add_parser("swd", help="sliced Wasserstein distance between two image sets (.npy or stores)")
     p.add_argument("real")

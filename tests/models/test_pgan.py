@@ -1,6 +1,7 @@
 """Progressive GAN networks: shapes, equalised learning rate, pixel norm, minibatch stddev, the lod fade (G, D and
-reals), paper-config parameter counts, gradients."""
+reals), paper-config parameter counts, gradients, label conditioning (``label_size``)."""
 
+import dataclasses
 import itertools
 import math
 
@@ -278,3 +279,102 @@ def test_a_bf16_wgan_gp_step_keeps_fp32_weights_and_finite_losses():
     assert all(p.dtype == torch.float32 for p in (*nets.G.parameters(), *nets.D.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(before, nets.G_ema.parameters()))  # the EMA moved
 
+
+
+COND = dataclasses.replace(TINY, label_size=5)  # 5 slice bins
+
+
+def test_label_size_must_be_a_non_negative_integer():
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match=r"pgan\.label_size"):
+            PGANConfig(label_size=bad)
+    assert PGANConfig().label_size == 0 and PGANConfig(label_size=31).label_size == 31
+
+
+def test_conditioned_parameter_counts_follow_the_formula():
+    """G's first dense layer takes latent + L inputs (to nf·16), D's last dense layer gives 1 + L outputs (with bias);
+    nothing else changes."""
+    torch.manual_seed(0)
+    G0, D0, G1, D1 = Generator(TINY), Discriminator(TINY), Generator(COND), Discriminator(COND)
+    L, width, hidden = COND.label_size, COND.nf(1), COND.nf(0)  # 4² block width, D's hidden dense width
+    assert G1.blocks[0].dense.weight.numel() == (COND.latent + L) * width * 16
+    assert _params(D1.blocks[0].dense1) == hidden * (1 + L) + (1 + L)
+    assert _params(G1) - _params(G0) == L * width * 16
+    assert _params(D1) - _params(D0) == hidden * L + L
+    # label_size 0 is the unconditioned network: the same keys, and shapes differ only in those two layers
+    for plain, cond in ((G0, G1), (D0, D1)):
+        a, b = plain.state_dict(), cond.state_dict()
+        assert a.keys() == b.keys()
+        changed = {k for k in a if a[k].shape != b[k].shape}
+        assert changed == ({"blocks.0.dense.weight"} if plain is G0 else {"blocks.0.dense1.weight",
+                                                                          "blocks.0.dense1.bias"})
+    assert Generator(dataclasses.replace(TINY, label_size=0)).state_dict().keys() == G0.state_dict().keys()
+    assert D0(torch.randn(4, 1, 32, 32), 0.0).shape == (4, 1)
+
+
+def test_the_label_is_one_hot_concatenated_to_the_latent_then_pixel_normalised():
+    torch.manual_seed(0)
+    G = Generator(COND)
+    z, labels = torch.randn(4, 16), torch.tensor([0, 4, 2, 2])
+    seen = []
+    G.blocks[0].dense.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        G(z, 0.0, labels)
+    expected = pixel_norm(torch.cat([z, F.one_hot(labels, 5).float()], dim=1))
+    assert seen[0].shape == (4, 16 + 5) and torch.allclose(seen[0], expected, atol=1e-6)
+
+
+def test_the_label_changes_the_images_and_d_returns_label_logits():
+    torch.manual_seed(0)
+    G, D = Generator(COND), Discriminator(COND)
+    z = torch.randn(4, 16).repeat(2, 1)
+    labels = torch.tensor([0, 1, 2, 3, 4, 3, 2, 1])
+    with torch.no_grad():
+        images = G(z, 0.0, labels)
+        assert torch.equal(G(z, 0.0, labels), images)  # deterministic for the same (z, label)
+        same_z = images[:4], images[4:]
+        assert (same_z[0] - same_z[1])[[0, 1, 3]].abs().amax(dim=(1, 2, 3)).min() > 1e-3  # labels differ: images do
+        assert torch.equal(same_z[0][2], same_z[1][2])  # the same label (2) with the same z: the same image
+        out = D(images, 0.0)
+        assert out.shape == (8, 1 + 5)
+        other = D(torch.randn(8, 1, 32, 32), 0.0)
+        assert (out[:, 1:] - other[:, 1:]).abs().max() > 1e-3  # the logits depend on the input
+        for lod in (0.5, 2.25, 3.0):  # every lod: G takes labels, D returns 1 + L columns
+            assert D(G(z, lod, labels), lod).shape == (8, 6)
+
+
+def test_labels_must_match_the_generator():
+    torch.manual_seed(0)
+    cond, plain = Generator(COND), Generator(TINY)
+    z = torch.randn(2, 16)
+    with pytest.raises(ValueError, match=r"conditioned on 5 labels \(pgan\.label_size\)"):
+        cond(z, 0.0)
+    with pytest.raises(ValueError, match="unconditioned"):
+        plain(z, 0.0, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="int64"):
+        cond(z, 0.0, torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="int64"):
+        cond(z, 0.0, torch.tensor([0, 1, 2]))  # one label per latent
+
+
+def test_gradients_reach_the_label_weights():
+    """The label inputs of G's dense layer and D's logit outputs are trained: they get gradients from the AC terms."""
+    torch.manual_seed(0)
+    G, D = Generator(COND), Discriminator(COND)
+    labels = torch.tensor([1, 3, 3, 0])
+    out = D(G(torch.randn(4, 16), 0.0, labels), 0.0)
+    F.cross_entropy(out[:, 1:], labels).backward()
+    label_columns = G.blocks[0].dense.weight.grad[:, 16:]  # inputs 16… are the one-hot
+    assert label_columns[:, [0, 1, 3]].abs().sum(dim=0).min() > 0 and label_columns[:, [2, 4]].abs().sum() == 0
+    assert D.blocks[0].dense1.weight.grad[1:].abs().sum() > 0
+
+
+def test_a_conditioned_bench_runs():
+    from toolkit.bench.pgan import bench_pgan
+    from toolkit.train.pgan_schedule import ScheduleConfig
+
+    schedule = ScheduleConfig(resolution=32, total_kimg=7, lod_training_kimg=1, lod_transition_kimg=1,
+                              minibatch={4: 4, 8: 4, 16: 4, 32: 4})
+    doc = bench_pgan(COND, schedule, steps=1, warmup=0)
+    torch.manual_seed(0)
+    assert doc["params_g"] == _params(Generator(COND)) and math.isfinite(doc["projected_hours"])

@@ -7,10 +7,8 @@ the 4²→8² fade, 8² stable), so its second tick is a fade.
 import csv
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -107,21 +105,11 @@ def test_a_snapshot_and_sample_grid_per_tick(pgan_run, figure):
     assert lods[0] == 2.0 and lods[-1] == 1.0 and any(1 < lod < 2 for lod in lods)  # stable, fade, stable
 
 
-def test_killed_mid_fade_resumes_bit_identically(pgan_run, tmp_path, latest_task_state):
+def test_killed_mid_fade_resumes_bit_identically(pgan_run, tmp_path, latest_task_state, kill_at):
     config, reference = pgan_run
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(train(config, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
     # 63 iterations per 1-kimg tick at minibatch 4 × 4 repeats: step 90 lies inside tick 1, the 4²→8² fade
-    while not (run_dir / "checkpoints").exists() or len(list((run_dir / "checkpoints").glob("ckpt-*.pt"))) < 3 \
-            or (run_dir / "checkpoints" / "latest").read_text().strip() < "ckpt-000000090.pt":
-        assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read()}"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    state = torch.load(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip(),
-                       weights_only=True)
+    state = kill_at(train(config, run_dir), run_dir, "ckpt-000000090.pt")
     assert 1 < state["task"]["prev_lod"] < 2, "the kill must land mid-fade"
     resumed = subprocess.run(train(config, run_dir), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr

@@ -111,8 +111,9 @@ def pgan_forward(config: PGANConfig, lod: float) -> tuple[int, int]:
     """FLOPs of one G and one D forward of a single image at ``lod``."""
     G, D = _pgan_nets(config)
     z = torch.zeros(1, config.latent, device=META)
+    labels = torch.zeros(1, dtype=torch.int64, device=META) if config.label_size else None  # a conditioned G's bin
     x = torch.zeros(1, config.channels, config.resolution, config.resolution, device=META)
-    return _count(G, z, lod), _count(D, x, lod)
+    return _count(G, z, lod, labels), _count(D, x, lod)
 
 
 def _lod(config: PGANConfig, resolution: int, fading: bool) -> float:

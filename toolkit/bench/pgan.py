@@ -62,7 +62,9 @@ def schedule_images(schedule: ScheduleConfig) -> dict[tuple[int, bool], int]:
 def _img_per_s(nets: WGANGP, lod: float, minibatch: int, device: torch.device, steps: int, warmup: int) -> float:
     full = nets.model.resolution
     reals = torch.rand(minibatch, nets.model.channels, full, full, device=device) * 2 - 1
-    return minibatch * steps / time_steps(lambda: nets.step(reals, lod, minibatch), device, steps=steps,
+    labels = [torch.randint(nets.model.label_size, (minibatch,), device=device) for _ in range(2)] if (
+        nets.model.label_size) else [None, None]  # a slice-conditioned config: its reals' and G step's labels
+    return minibatch * steps / time_steps(lambda: nets.step(reals, lod, minibatch, *labels), device, steps=steps,
                                           warmup=warmup)
 
 

@@ -18,6 +18,12 @@ the same fade as G's output.
 
 Layer widths ``nf(stage) = min(fmap_base // 2**stage, fmap_max)``; the block at ``2**r`` × ``2**r`` has ``nf(r − 1)``
 feature maps: 4²…256² → 512, 512, 512, 512, 256, 128, 64 for the paper config.
+
+Label conditioning (the official ``label_size``, AC-GAN style; here the label is the mask's axial slice bin): with
+``label_size`` L > 0, G takes int64 class indices ``[N]`` beside the latents, concatenates their one-hot encoding
+(built on the labels' device) to the latents and pixel-normalises the concatenation before its first dense layer
+(fan-in latent + L); D's last dense layer has 1 + L outputs, column 0 the WGAN score and columns 1… the label
+logits. ``label_size = 0`` builds exactly the unconditioned networks (same parameters, D output ``[N, 1]``).
 """
 
 from __future__ import annotations
@@ -46,12 +52,16 @@ class PGANConfig:
     fmap_base: int = 8192
     fmap_max: int = 512
     mbstd_group: int = 4
+    label_size: int = 0  # conditioning classes (the axial slice bins); 0: unconditioned
 
     def __post_init__(self) -> None:
         for name in ("resolution", "channels", "latent", "fmap_base", "fmap_max", "mbstd_group"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"pgan.{name}: expected a positive integer, got {value!r}")
+        if not isinstance(self.label_size, int) or isinstance(self.label_size, bool) or self.label_size < 0:
+            raise ValueError(f"pgan.label_size: expected a non-negative integer (0: unconditioned), "
+                             f"got {self.label_size!r}")
         if self.resolution < 4 or self.resolution & (self.resolution - 1):
             raise ValueError(f"pgan.resolution: expected a power of two ≥ 4, got {self.resolution}")
         if self.nf(self.resolution_log2 - 1) < 1:
@@ -144,8 +154,8 @@ class ConvAct(nn.Module):
 
 
 class GInitial(nn.Module):
-    """G's 4×4 block: normalised latent → dense (gain √2/4, the official override) → [nf, 4, 4] + per-channel bias →
-    lrelu, PN → conv 3×3, lrelu, PN."""
+    """G's 4×4 block: normalised latent (with the one-hot label, if conditioned) → dense (gain √2/4, the official
+    override) → [nf, 4, 4] + per-channel bias → lrelu, PN → conv 3×3, lrelu, PN."""
 
     def __init__(self, latent: int, channels: int) -> None:
         super().__init__()
@@ -174,20 +184,36 @@ class Generator(nn.Module):
         super().__init__()
         self.config = c = config or PGANConfig()
         widths = [c.nf(r - 1) for r in range(2, c.resolution_log2 + 1)]
-        self.blocks = nn.ModuleList([GInitial(c.latent, widths[0])])
+        self.blocks = nn.ModuleList([GInitial(c.latent + c.label_size, widths[0])])
         self.blocks.extend(GBlock(w_in, w_out) for w_in, w_out in itertools.pairwise(widths))
         self.to_rgb = nn.ModuleList(EqualizedConv2d(w, c.channels, 1, gain=1.0) for w in widths)
 
-    def forward(self, z: torch.Tensor, lod: float = 0.0) -> torch.Tensor:
-        """Images at full resolution for level of detail ``lod`` (see the module docstring)."""
+    def forward(self, z: torch.Tensor, lod: float = 0.0, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Images at full resolution for level of detail ``lod`` (see the module docstring); ``labels``: int64 class
+        indices ``[N]`` for a conditioned generator, None for an unconditioned one."""
         level, alpha = split_lod(lod, self.config.max_lod)
-        x = prev = self.blocks[0](z)
+        x = prev = self.blocks[0](self._latents_in(z, labels))
         for block in self.blocks[1:level + 1]:
             prev, x = x, block(x)
         img = self.to_rgb[level](x)
         if alpha < 1.0:  # fading in `level`: lerp towards the upsampled output of the level below
             img = torch.lerp(img, nearest_up(self.to_rgb[level - 1](prev), 2), 1.0 - alpha)
         return nearest_up(img, 2 ** (self.config.max_lod - level))
+
+    def _latents_in(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The official ``concat([latents, labels])``; the one-hot is made where the labels are (no host copy)."""
+        size = self.config.label_size
+        if not size:
+            if labels is not None:
+                raise ValueError("this generator is unconditioned (pgan.label_size 0): call it without labels")
+            return z
+        if labels is None:
+            raise ValueError(f"this generator is conditioned on {size} labels (pgan.label_size): pass labels, int64 "
+                             "class indices [N]")
+        if labels.dtype != torch.int64 or labels.shape != (len(z),):
+            raise ValueError(f"labels must be int64 class indices [{len(z)}] (one per latent), got {labels.dtype} "
+                             f"{list(labels.shape)}")
+        return torch.cat([z, F.one_hot(labels, size).to(z.dtype)], dim=1)
 
 
 class MinibatchStddev(nn.Module):
@@ -213,15 +239,15 @@ class MinibatchStddev(nn.Module):
 
 
 class DFinal(nn.Module):
-    """D's 4×4 block: minibatch stddev → conv 3×3 (+1 channel → nf), lrelu → dense to nf(0), lrelu → dense to 1
-    (gain 1)."""
+    """D's 4×4 block: minibatch stddev → conv 3×3 (+1 channel → nf), lrelu → dense to nf(0), lrelu → dense to
+    ``outputs`` (gain 1): the score, then the label logits of a conditioned D."""
 
-    def __init__(self, channels: int, hidden: int, group: int) -> None:
+    def __init__(self, channels: int, hidden: int, group: int, outputs: int = 1) -> None:
         super().__init__()
         self.mbstd = MinibatchStddev(group)
         self.conv = ConvAct(channels + 1, channels, pixelnorm=False)
         self.dense0 = EqualizedLinear(channels * 16, hidden)
-        self.dense1 = EqualizedLinear(hidden, 1, gain=1.0)
+        self.dense1 = EqualizedLinear(hidden, outputs, gain=1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense1(lrelu(self.dense0(self.conv(self.mbstd(x)))))
@@ -248,19 +274,21 @@ class FromRGB(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Full-resolution images ``[N, channels, R, R]`` → scores ``[N, 1]`` (WGAN critic, no sigmoid).
+    """Full-resolution images ``[N, channels, R, R]`` → ``[N, 1 + label_size]``: column 0 the WGAN score (no
+    sigmoid), columns 1… the label logits of a conditioned D (none: ``[N, 1]``).
     ``blocks[i]`` and ``from_rgb[i]`` work at ``4·2**i`` pixels; ``blocks[0]`` is the 4×4 head."""
 
     def __init__(self, config: PGANConfig | None = None) -> None:
         super().__init__()
         self.config = c = config or PGANConfig()
         widths = [c.nf(r - 1) for r in range(2, c.resolution_log2 + 1)]
-        self.blocks = nn.ModuleList([DFinal(widths[0], c.nf(0), c.mbstd_group)])
+        self.blocks = nn.ModuleList([DFinal(widths[0], c.nf(0), c.mbstd_group, 1 + c.label_size)])
         self.blocks.extend(DBlock(fine, coarse) for coarse, fine in itertools.pairwise(widths))
         self.from_rgb = nn.ModuleList(FromRGB(c.channels, w) for w in widths)
 
     def forward(self, x: torch.Tensor, lod: float = 0.0) -> torch.Tensor:
-        """Scores for full-resolution images at level of detail ``lod`` (see the module docstring)."""
+        """Scores (and label logits) for full-resolution images at level of detail ``lod`` (see the module
+        docstring)."""
         level, alpha = split_lod(lod, self.config.max_lod)
         img = box_down(x, 2 ** (self.config.max_lod - level))  # the current resolution
         h = self.blocks[level](self.from_rgb[level](img))

@@ -8,10 +8,17 @@ Run it plainly or under ``mpirun -n K`` / ``srun --mpi=pmix``: ranks take the sh
 (:func:`~toolkit.train.distributed.mpi_device`), and rank 0 finishes the store (:mod:`toolkit.train.ranks`); since
 shard k depends on k only, the store is byte-identical for any rank count.
 
+A slice-conditioned snapshot (``model.label_size`` > 0) also draws each shard's labels (axial bins) from that
+(seed, k) generator, after the latents, in proportion to the snapshot's ``bin_counts`` (the training masks per bin), so
+the store stays byte-identical for any rank count; each row records its bin's centre slice
+(:meth:`~toolkit.data.bins.SliceBins.centre`) in the ``slice`` field (unconditioned rows: −1), and the manifest's
+provenance holds the bins as ``slice_bins``.
+
 The store records what defines it (:mod:`toolkit.provenance`): ``n``, ``seed``, ``shard_size``, ``png``, the resolved
-snapshot file, its fingerprint and resolution. ``--snapshot best`` is resolved first, so a resume after `evaluate swd`
-moved the ``best`` pointer (or after the snapshot file changed) is refused naming ``snapshot``, as is a resume with
-another ``--n`` or ``--seed``, and a complete store made with other options is refused rather than reported complete.
+snapshot file, its fingerprint and resolution (and ``label_size`` for a conditioned snapshot). ``--snapshot best`` is
+resolved first, so a resume after `evaluate swd` moved the ``best`` pointer (or after the snapshot file changed) is
+refused naming ``snapshot``, as is a resume with another ``--n`` or ``--seed``, and a complete store made with other
+options is refused rather than reported complete.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 
 from toolkit import provenance
 from toolkit.config import from_dict
+from toolkit.data.bins import SliceBins
 from toolkit.data.prepare import export_png
 from toolkit.data.store import Manifest, shard_name
 from toolkit.models.pgan import Generator, PGANConfig
@@ -61,13 +69,38 @@ def load_generator(path: Path, device: torch.device) -> tuple[Generator, dict[st
     return generator.to(device).eval(), {k: v for k, v in snap.items() if k != "G_ema"}
 
 
+def snapshot_bins(meta: dict[str, Any], source: Path) -> tuple[SliceBins, list[int]] | None:
+    """The slice bins and training masks per bin of a conditioned snapshot (None for an unconditioned one)."""
+    label_size = int(meta["model"].get("label_size", 0))
+    if not label_size:
+        return None
+    if "slice_bins" not in meta or "bin_counts" not in meta:
+        raise ValueError(f"{source}: a slice-conditioned snapshot (label_size {label_size}) without slice_bins and "
+                         "bin_counts")
+    bins, counts = SliceBins.from_dict(meta["slice_bins"]), [int(c) for c in meta["bin_counts"]]
+    if bins.count != label_size or len(counts) != label_size or sum(counts) < 1:
+        raise ValueError(f"{source}: slice_bins {bins} and bin_counts {counts} do not fit label_size {label_size}")
+    return bins, counts
+
+
+def draw_bins(counts: list[int], n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` labels (int64, CPU) drawn with replacement in proportion to ``counts`` (the training masks per bin)."""
+    return torch.multinomial(torch.tensor(counts, dtype=torch.float64), n, replacement=True, generator=generator)
+
+
 @torch.no_grad()
-def generate_labels(generator: Generator, lod: float, latents: torch.Tensor, batch: int) -> np.ndarray:
-    """Label maps uint8 [n, R, R] for ``latents``, ``batch`` at a time."""
+def generate_labels(generator: Generator, lod: float, latents: torch.Tensor, batch: int,
+                    labels: torch.Tensor | None = None) -> np.ndarray:
+    """Label maps uint8 [n, R, R] for ``latents`` (and, for a conditioned generator, the bins ``labels``: int64
+    [n]), ``batch`` at a time."""
     device = next(generator.parameters()).device
     latents = latents.to(device)  # one upload, and one download at the end: no host synchronisation per batch
-    return torch.cat([to_labels(generator(latents[i:i + batch], lod)[:, 0])
-                      for i in range(0, len(latents), batch)]).cpu().numpy()
+    labels = None if labels is None else labels.to(device)
+    parts = []
+    for i in range(0, len(latents), batch):
+        part_labels = None if labels is None else labels[i:i + batch]
+        parts.append(to_labels(generator(latents[i:i + batch], lod, part_labels)[:, 0]))
+    return torch.cat(parts).cpu().numpy()
 
 
 def generate_masks(run_dir: Path, n: int, out: Path, *, snapshot: str = "best", seed: int = 0,
@@ -84,8 +117,10 @@ def generate_masks(run_dir: Path, n: int, out: Path, *, snapshot: str = "best", 
     fingerprint = provenance.fingerprint(path)  # on every rank: open_store refuses ranks that loaded other files
     generator, meta = load_generator(path, mpi_device(comm, device))
     latent, lod = generator.config.latent, float(meta["lod"])
+    conditioning = snapshot_bins(meta, path)
     options = {"n": n, "seed": seed, "shard_size": shard_size, "png": png, "snapshot": path.name,
-               "snapshot_fingerprint": fingerprint, "resolution": generator.config.resolution}
+               "snapshot_fingerprint": fingerprint, "resolution": generator.config.resolution,
+               **({"label_size": generator.config.label_size} if conditioning else {})}  # absent: unconditioned
     complete, writer = open_store(out, 7, options, comm)
     if complete:
         log.info("%s: store is already complete", out)
@@ -95,9 +130,15 @@ def generate_masks(run_dir: Path, n: int, out: Path, *, snapshot: str = "best", 
     def make(split: str, k: int) -> dict[str, Any]:
         first = k * shard_size
         rows = min(shard_size, n - first)
-        z = torch.randn(rows, latent, generator=torch.Generator().manual_seed(epoch_seed(seed, k)))
-        return {"label": generate_labels(generator, lod, z, batch),
-                "subject": [f"{path.stem}-{first + i:07d}" for i in range(rows)], "slice_index": np.full(rows, -1)}
+        stream = torch.Generator().manual_seed(epoch_seed(seed, k))
+        z = torch.randn(rows, latent, generator=stream)
+        labels, slices = None, np.full(rows, -1)
+        if conditioning:
+            bins, counts = conditioning
+            labels = draw_bins(counts, rows, stream)  # after the latents: they are those of an unconditioned run
+            slices = bins.centre(labels.numpy())
+        return {"label": generate_labels(generator, lod, z, batch, labels),
+                "subject": [f"{path.stem}-{first + i:07d}" for i in range(rows)], "slice_index": slices}
 
     with writer or contextlib.nullcontext():  # rank 0 gives the lock up on an error too (the store stays resumable)
         writer = write_shards(writer, out, 7, [("train", k) for k in range(shards)], make, comm)
@@ -110,4 +151,5 @@ def generate_masks(run_dir: Path, n: int, out: Path, *, snapshot: str = "best", 
                              shard_counts={"train": shards},
                              provenance={"generator_run": str(Path(run_dir).resolve()), "snapshot": path.name,
                                          "tick": meta.get("tick"), "kimg": meta.get("kimg"), "seed": seed, "n": n,
-                                         "source_store": meta.get("store")})
+                                         "source_store": meta.get("store"),
+                                         **({"slice_bins": conditioning[0].to_dict()} if conditioning else {})})

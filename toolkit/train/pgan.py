@@ -13,10 +13,18 @@ Fills in :class:`toolkit.train.loop.Task` with the official recipe (reference: s
   that generation needs, and the training set: ``store`` and ``reduced``, which ``evaluate swd`` scores against) and a
   sample grid;
 - multi-process (``--dist ddp``): as the official multi-GPU code, each rank takes minibatch / ranks of every minibatch
-  and gradients are averaged over ranks; minibatch-stddev therefore sees only the rank's share (groups stay per GPU).
+  and gradients are averaged over ranks; minibatch-stddev therefore sees only the rank's share (groups stay per GPU);
+- slice-position conditioning (``model.label_size`` L > 0; the official label conditioning, ``D_wgangp_acgan`` /
+  ``G_wgan_acgan``): a mask's label is its axial bin, one of L equal-width :class:`~toolkit.data.bins.SliceBins`
+  spanning the training masks' slice indices. D's loss gains ``cond_weight``·(CE(labels, D's logits on the reals) +
+  CE(labels, D's logits on the fakes)), the fakes made with the reals' labels; G's loss gains ``cond_weight``·CE(labels,
+  D's logits on G(z, labels)), its labels those of random training rows (the official ``get_random_labels``). The
+  gradient penalty and the drift term use the score column only. Snapshots then also hold the bins (``slice_bins``)
+  and the training masks' count per bin (``bin_counts``), which generation draws its labels in proportion to.
 
-The masks are read once and stay on the run's device as one uint8 tensor; real minibatches are rows drawn there with
-a generator seeded by (seed, iteration), latents and GP mixing weights come from the device's global torch RNG
+The masks are read once and stay on the run's device as one uint8 tensor (with their bins as one int64 tensor when
+conditioned); real minibatches are rows drawn there with a generator seeded by (seed, iteration), and so are the
+rows whose bins label the G steps; latents and GP mixing weights come from the device's global torch RNG
 (restored from checkpoints), so a resumed run continues bit-identically on CPU and a step never waits for the host.
 Precision: bf16 autocast where the GPU has it, else fp32 — never fp16, whose loss scaling would have to reach through
 the gradient penalty's double backward. Memory format: ``runtime.channels_last`` (default on CUDA; the CPU demo turns
@@ -32,12 +40,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from toolkit.atomic import atomic_path
 from toolkit.config import Decay, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, to_dict
+from toolkit.data.bins import SliceBins
 from toolkit.data.dataset import SliceDataset, Source
+from toolkit.data.store import Store
 from toolkit.models.pgan import Discriminator, Generator, PGANConfig, blend_reals
 from toolkit.report.figures import sample_grid
 from toolkit.train.distributed import Dist
@@ -69,6 +80,7 @@ class PGANOptimConfig:
     gp_lambda: NonNegativeFloat = 10.0
     drift: NonNegativeFloat = 1e-3
     ema: Decay = 0.999  # 0: G_ema is G
+    cond_weight: NonNegativeFloat = 1.0  # the AC-GAN label terms (conditioned runs only)
 
 
 @dataclass(frozen=True)
@@ -126,34 +138,84 @@ def resident_masks(data: PGANDataConfig, resolution: int, device: torch.device) 
     return masks
 
 
+def mask_slices(store: Path, reduced: bool = False) -> np.ndarray:
+    """The slice index (int64) of every non-empty training mask of ``store`` (of its reduced prefix), in the order
+    :func:`resident_masks` reads the masks: the ``slice`` field of the rows that are not ``empty`` (what
+    ``drop_empty`` keeps), read chunk by chunk."""
+    source = Store(store)
+    count = source.manifest.reduced if reduced else source.split("train").n
+    parts = [np.zeros(0, dtype=np.int64)]
+    for start in range(0, count, RESIDENT_CHUNK):
+        rows = source.read("train", start, min(start + RESIDENT_CHUNK, count), fields=("slice", "empty"))
+        parts.append(rows["slice"][~rows["empty"].astype(bool)].astype(np.int64))
+    return np.concatenate(parts)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The labels of a slice-conditioned run: the bins, each resident mask's bin (int64, on the device) and the
+    training masks' count per bin."""
+
+    bins: SliceBins
+    labels: torch.Tensor
+    counts: list[int]
+
+    @classmethod
+    def of(cls, data: PGANDataConfig, label_size: int, rows: int, device: torch.device) -> Conditioning:
+        slices = mask_slices(data.store, data.reduced)
+        if len(slices) != rows:
+            raise RuntimeError(f"{data.store}: read {len(slices)} slice indices for {rows} non-empty masks")
+        try:
+            bins = SliceBins.spanning(label_size, slices)
+        except ValueError as err:
+            raise ValueError(f"model.label_size: {err} (the non-empty training masks of {data.store})") from None
+        labels = bins.of(slices)
+        counts = np.bincount(labels, minlength=bins.count).tolist()
+        log.info("PGAN conditioned on %d slice bins over slices [%d, %d); masks per bin %s", bins.count, bins.lo,
+                 bins.hi, counts)
+        return cls(bins, torch.from_numpy(labels).to(device), counts)
+
+
 def to_labels(images: torch.Tensor) -> torch.Tensor:
     """Generator output in [−1, 1] → nearest class in 0…6 (uint8)."""
     return torch.round((images + 1) * (MAX_LABEL / 2)).clamp(0, MAX_LABEL).to(torch.uint8)
 
 
 def d_loss(G: Generator, D: Discriminator, reals: torch.Tensor, latents: torch.Tensor, mix: torch.Tensor, lod: float,
-           o: PGANOptimConfig, precision: Precision) -> torch.Tensor:
-    """WGAN-GP discriminator loss: D(fake) − D(real) + λ·(‖∇D(x̂)‖₂ − 1)² + ε·D(real)², x̂ = lerp(real, fake, mix).
+           o: PGANOptimConfig, precision: Precision, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """WGAN-GP discriminator loss: D(fake) − D(real) + λ·(‖∇D(x̂)‖₂ − 1)² + ε·D(real)², x̂ = lerp(real, fake, mix),
+    on D's score column; with the reals' ``labels`` (a conditioned run) the fakes are G(z, labels) and the loss gains
+    ``cond_weight``·(CE(labels, D's logits on the reals) + CE(labels, D's logits on the fakes)).
 
-    Forwards run under the precision policy; scores and the penalty's gradient norm are fp32 (a bf16 norm of ~10⁶
-    elements would be too coarse for the (‖∇‖ − 1)² term)."""
+    Forwards run under the precision policy; scores, logits and the penalty's gradient norm are fp32 (a bf16 norm of
+    ~10⁶ elements would be too coarse for the (‖∇‖ − 1)² term)."""
     with precision.autocast():
         with torch.no_grad():
-            fakes = G(latents, lod).float()
-        real_scores, fake_scores = D(reals, lod).float().flatten(), D(fakes, lod).float().flatten()
+            fakes = G(latents, lod, labels).float()
+        real_out, fake_out = D(reals, lod).float(), D(fakes, lod).float()
+    real_scores, fake_scores = real_out[:, 0], fake_out[:, 0]
     mixed = (reals + mix * (fakes - reals)).requires_grad_(True)
     with precision.autocast():
-        mixed_scores = D(mixed, lod).float()
+        mixed_scores = D(mixed, lod).float()[:, :1]
     (grad,) = torch.autograd.grad(mixed_scores.sum(), mixed, create_graph=True)
     penalty = (grad.float().flatten(1).norm(dim=1) - 1) ** 2
-    return (fake_scores - real_scores + o.gp_lambda * penalty + o.drift * real_scores**2).mean()
+    loss = fake_scores - real_scores + o.gp_lambda * penalty + o.drift * real_scores**2
+    if labels is not None:
+        label_penalty = (F.cross_entropy(real_out[:, 1:], labels, reduction="none")
+                         + F.cross_entropy(fake_out[:, 1:], labels, reduction="none"))
+        loss = loss + o.cond_weight * label_penalty
+    return loss.mean()
 
 
-def g_loss(G: Generator, D: Discriminator, latents: torch.Tensor, lod: float, precision: Precision) -> torch.Tensor:
-    """WGAN generator loss: −D(G(z))."""
+def g_loss(G: Generator, D: Discriminator, latents: torch.Tensor, lod: float, precision: Precision,
+           labels: torch.Tensor | None = None, cond_weight: float = 1.0) -> torch.Tensor:
+    """WGAN generator loss −D(G(z)) on D's score column; with ``labels`` (a conditioned run) −D(G(z, labels)) +
+    ``cond_weight``·CE(labels, D's logits on G(z, labels))."""
     with precision.autocast():
-        scores = D(G(latents, lod), lod).float()
-    return -scores.mean()
+        out = D(G(latents, lod, labels), lod).float()
+    if labels is None:
+        return -out[:, 0].mean()
+    return (cond_weight * F.cross_entropy(out[:, 1:], labels, reduction="none") - out[:, 0]).mean()
 
 
 class WGANGP:
@@ -184,12 +246,18 @@ class WGANGP:
         size = minibatch // self.dist.world_size
         return slice(self.dist.rank * size, (self.dist.rank + 1) * size)
 
-    def step(self, reals: torch.Tensor, lod: float, minibatch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, reals: torch.Tensor, lod: float, minibatch: int, labels: torch.Tensor | None = None,
+             g_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One D step on this rank's full-resolution ``reals`` (faded to ``lod`` here), one G step and the EMA update;
-        the two losses, detached."""
+        the two losses, detached. A conditioned pair takes the reals' ``labels`` and the G step's ``g_labels``
+        (this rank's shares, int64 on the device)."""
+        conditioned = bool(self.model.label_size)
+        if (labels is not None) != conditioned or (g_labels is not None) != conditioned:
+            raise ValueError(f"pgan.label_size {self.model.label_size}: a step takes both labels and g_labels exactly "
+                             "when the networks are conditioned")
         reals = reals.contiguous(memory_format=self.memory_format)
-        loss_d = self._d_step(blend_reals(reals, lod), lod, minibatch)
-        loss_g = self._g_step(lod, minibatch)
+        loss_d = self._d_step(blend_reals(reals, lod), lod, minibatch, labels)
+        loss_g = self._g_step(lod, minibatch, g_labels)
         self._update_ema()
         return loss_d, loss_g
 
@@ -201,18 +269,19 @@ class WGANGP:
                                                                                            device=device)
         return values[self.share(minibatch)]
 
-    def _d_step(self, reals: torch.Tensor, lod: float, minibatch: int) -> torch.Tensor:
+    def _d_step(self, reals: torch.Tensor, lod: float, minibatch: int, labels: torch.Tensor | None) -> torch.Tensor:
         latents = self._draw(minibatch, self.model.latent)
         mix = self._draw(minibatch, 1, 1, 1, uniform=True)
-        loss = d_loss(self.G, self.D, reals, latents, mix, lod, self.optim, self.precision)
+        loss = d_loss(self.G, self.D, reals, latents, mix, lod, self.optim, self.precision, labels)
         self.opt_D.zero_grad(set_to_none=True)
         self.precision.backward(loss)
         self.dist.average_gradients(self.D.parameters())  # official multi-GPU rule
         self.precision.step(self.opt_D)
         return loss.detach()
 
-    def _g_step(self, lod: float, minibatch: int) -> torch.Tensor:
-        loss = g_loss(self.G, self.D, self._draw(minibatch, self.model.latent), lod, self.precision)
+    def _g_step(self, lod: float, minibatch: int, labels: torch.Tensor | None) -> torch.Tensor:
+        loss = g_loss(self.G, self.D, self._draw(minibatch, self.model.latent), lod, self.precision, labels,
+                      self.optim.cond_weight)
         self.opt_G.zero_grad(set_to_none=True)
         self.precision.backward(loss)
         self.dist.average_gradients(self.G.parameters())  # official multi-GPU rule
@@ -227,13 +296,16 @@ class WGANGP:
 
 @dataclass(frozen=True)
 class Iteration:
-    """One official loop iteration: its global index, images shown before it, lod and minibatch, and the reals."""
+    """One official loop iteration: its global index, images shown before it, lod and minibatch, the reals and, in a
+    conditioned run, the reals' labels and the G steps' labels."""
 
     index: int
     nimg: int
     lod: float
     minibatch: int
     reals: torch.Tensor  # this rank's share: [repeats, minibatch / ranks, C, R, R] in [−1, 1]
+    labels: torch.Tensor | None = None  # the reals' bins: int64 [repeats, minibatch / ranks]
+    g_labels: torch.Tensor | None = None  # the G steps' bins (of other random rows): int64, the same shape
 
 
 class PGANTask:
@@ -252,6 +324,8 @@ class PGANTask:
         device = dist.device
         prepare_device(device)
         self.masks = resident_masks(cfg.data, cfg.model.resolution, device)
+        label_size = cfg.model.label_size
+        self.cond = Conditioning.of(cfg.data, label_size, len(self.masks), device) if label_size else None
         self.ticks: list[Tick] = ticks(replace(cfg.schedule, resolution=cfg.model.resolution))
         # real rows are drawn where the masks live: on CUDA no index copy crosses from the host
         self.row_generator = torch.Generator(device)
@@ -261,6 +335,8 @@ class PGANTask:
         self.nets = WGANGP(cfg.model, cfg.optim, dist, self.precision, cfg.runtime.memory_format(device))
         self.prev_lod = -1.0
         self.sample_z = torch.randn(cfg.samples, cfg.model.latent, generator=torch.Generator().manual_seed(cfg.seed))
+        # fixed labels too, so that ticks are comparable: the bins spread evenly over the grid (first to last)
+        self.sample_labels = (torch.arange(cfg.samples) * label_size // cfg.samples) if label_size else None
 
     def loop_config(self) -> LoopConfig:
         return replace(self.cfg.loop, epochs=len(self.ticks))
@@ -281,7 +357,15 @@ class PGANTask:
                              device=self.masks.device)
         rows = rows.view(repeats, minibatch)[:, self.nets.share(minibatch)]
         reals = reals_at(self.masks[rows.reshape(-1)], self.cfg.model.resolution)
-        return Iteration(index, nimg, lod, minibatch, reals.view(*rows.shape, *reals.shape[1:]))
+        labels = g_labels = None
+        if self.cond is not None:
+            # the G steps' labels: bins of random rows (the official get_random_labels), drawn for the whole
+            # minibatch from the same generator, after the reals' rows, so the iteration stays a function of its index
+            g_rows = torch.randint(len(self.masks), (repeats * minibatch,), generator=self.row_generator,
+                                   device=self.masks.device)
+            labels = self.cond.labels[rows]
+            g_labels = self.cond.labels[g_rows.view(repeats, minibatch)[:, self.nets.share(minibatch)]]
+        return Iteration(index, nimg, lod, minibatch, reals.view(*rows.shape, *reals.shape[1:]), labels, g_labels)
 
     # --- steps ------------------------------------------------------------------------------------------------
     def train_step(self, it: Iteration) -> dict[str, torch.Tensor | float]:
@@ -289,7 +373,11 @@ class PGANTask:
             # official: Adam state is reset when a fade starts or ends (and at the start of training)
             self.nets.reset_optimizers()
         self.prev_lod = it.lod
-        losses = [self.nets.step(reals, it.lod, it.minibatch) for reals in it.reals]
+        repeats = len(it.reals)
+        labels = it.labels if it.labels is not None else [None] * repeats
+        g_labels = it.g_labels if it.g_labels is not None else [None] * repeats
+        losses = [self.nets.step(reals, it.lod, it.minibatch, real_labels, fake_labels)
+                  for reals, real_labels, fake_labels in zip(it.reals, labels, g_labels)]
         d_losses, g_losses = zip(*losses)
         return {"loss_d": torch.stack(d_losses).mean(), "loss_g": torch.stack(g_losses).mean(), "lod": it.lod,
                 "kimg": (it.nimg + len(it.reals) * it.minibatch) / 1000}
@@ -301,13 +389,17 @@ class PGANTask:
         summary = {"tick": float(epoch), "kimg": tick.end_nimg / 1000, "lod": lod}
         if not self.dist.is_main:
             return summary
+        conditioning = {} if self.cond is None else {"slice_bins": self.cond.bins.to_dict(),
+                                                     "bin_counts": self.cond.counts}  # what generation draws from
         with atomic_path(self.run_dir / "snapshots" / f"tick-{epoch:04d}.pt") as tmp:
             torch.save({"G_ema": self.nets.G_ema.state_dict(), "D": self.nets.D.state_dict(),
                         "model": to_dict(self.cfg.model), "lod": lod,
                         "kimg": tick.end_nimg / 1000, "tick": epoch, "store": str(self.cfg.data.store),
-                        "reduced": self.cfg.data.reduced}, tmp)  # what `evaluate swd` scores against
+                        "reduced": self.cfg.data.reduced, **conditioning}, tmp)  # what `evaluate swd` scores against
+        labels = None if self.sample_labels is None else self.sample_labels.to(self.dist.device)
         with torch.no_grad():
-            samples = to_labels(self.nets.G_ema(self.sample_z.to(self.dist.device), lod)[:, 0]).cpu().numpy()
+            samples = self.nets.G_ema(self.sample_z.to(self.dist.device), lod, labels)
+            samples = to_labels(samples[:, 0]).cpu().numpy()
         sample_grid(samples, self.run_dir / "samples" / f"tick-{epoch:04d}.png", title=f"tick {epoch}, lod {lod:.2f}")
         return summary
 

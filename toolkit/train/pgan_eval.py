@@ -28,6 +28,12 @@ default), as the official dataset reader repeats its records; the full set keeps
 ``--images`` masks, fewer when the store has fewer), so that tables scored before stay comparable. ``swd.csv`` says
 which set in its ``real_set`` column (``full`` or ``reduced``), and a reduced set is part of the recorded options
 (``"real_set": "reduced"``; a record without the key means full).
+
+A slice-conditioned run (``model.label_size`` > 0) generates its fakes with labels (axial bins) drawn in proportion
+to the snapshot's ``bin_counts`` from the seed's generator, after the latents. With ``per_bin``, the best snapshot of
+such a run is also scored bin by bin: ``swd-bins.csv`` holds per bin its slice range, the real masks of the real set
+that fall into it (without the reduced set's repeats) and the SWD between them and as many masks generated for that
+bin (latents seeded by (seed, bin)); a bin without real masks gets no SWD. It is rewritten on every per-bin run.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import torch
 
 from toolkit import provenance
 from toolkit.atomic import remove_stale_temps, write_bytes
+from toolkit.data.bins import SliceBins
 from toolkit.data.dataset import SliceDataset, Source
 from toolkit.data.store import Store
 from toolkit.lock import LockedError, WriterLock, describe, holder
@@ -58,14 +65,16 @@ from toolkit.metrics.swd import (
 from toolkit.mpi import from_root, world
 from toolkit.report.figures import curve
 from toolkit.train.distributed import mpi_device
-from toolkit.train.generate import generate_labels, load_generator
-from toolkit.train.pgan import reals_at, to_labels
+from toolkit.train.generate import draw_bins, generate_labels, load_generator, snapshot_bins
+from toolkit.train.pgan import mask_slices, reals_at, to_labels
+from toolkit.train.sampling import epoch_seed
 
 log = logging.getLogger(__name__)
 
 EVAL = "swd"  # RUN/swd/: the evaluation's lock and options record
 OPTIONS = "options.json"
 TABLE, FIGURE, CACHE, BEST = "swd.csv", "swd.png", "swd-real.pt", "best"  # RUN/swd.*, RUN/snapshots/best
+BIN_TABLE = "swd-bins.csv"  # RUN/swd-bins.csv: the best snapshot per slice bin (conditioned runs, per_bin)
 
 
 REAL_SETS = ("full", "reduced")  # the real sets a run is scored against: its training split or the reduced prefix
@@ -98,8 +107,11 @@ def _read_scores(path: Path) -> dict[str, dict[str, Any]]:
 
 def _score(snapshot: Path, real_desc: list[torch.Tensor], n: int, seed: int, device: torch.device) -> dict[str, Any]:
     generator, meta = load_generator(snapshot, device)
-    latents = torch.randn(n, generator.config.latent, generator=torch.Generator().manual_seed(seed))
-    fake = generate_labels(generator, float(meta["lod"]), latents, batch=64)
+    stream = torch.Generator().manual_seed(seed)
+    latents = torch.randn(n, generator.config.latent, generator=stream)
+    conditioning = snapshot_bins(meta, snapshot)
+    labels = None if conditioning is None else draw_bins(conditioning[1], n, stream)  # the training bin frequencies
+    fake = generate_labels(generator, float(meta["lod"]), latents, batch=64, labels=labels)
     result = swd_from_descriptors(real_desc, descriptors(fake, SWDConfig(), seed, device), seed=seed)
     log.info("%s: SWD avg %.2f", snapshot.name, result["swd_x1e3_avg"])
     return {"snapshot": snapshot.stem, "tick": meta["tick"], "kimg": meta["kimg"],
@@ -123,23 +135,27 @@ class _Claim:
 
 
 def evaluate_snapshots(run_dir: Path, *, real: Path | None = None, images: int = 16384, seed: int = 0,
-                       device: str | None = None, reduced: bool | None = None) -> dict[str, Any]:
+                       device: str | None = None, reduced: bool | None = None, per_bin: bool = False) -> dict[str, Any]:
     """Score every unscored snapshot of ``run_dir`` (collectively over MPI ranks); rank 0 returns the summary.
 
     ``reduced``: score against the reduced training prefix (True) or the full training split (False); None takes
-    what the run trained on, as its snapshots record it."""
+    what the run trained on, as its snapshots record it. ``per_bin`` (slice-conditioned runs only): also score the
+    best snapshot per slice bin into ``swd-bins.csv`` (on rank 0); the summary then has ``swd_bins``."""
     comm = world()
     run_dir = Path(run_dir)
     dev = mpi_device(comm, device)
-    claim = from_root(comm, lambda: _claim(run_dir, real, images, seed, reduced))
+    claim = from_root(comm, lambda: _claim(run_dir, real, images, seed, reduced, per_bin))
     try:
-        return _evaluate(run_dir, claim, images, seed, dev, comm)
+        summary = _evaluate(run_dir, claim, images, seed, dev, comm)
+        if per_bin and summary:  # rank 0, after the others are done: one snapshot, scored bin by bin
+            summary["swd_bins"] = _score_bins(run_dir, claim, summary["best"], images, seed, dev)
+        return summary
     finally:
         if claim is not None:
             claim.lock.release()
 
 
-def _claim(run_dir: Path, real: Path | None, images: int, seed: int, reduced: bool | None) -> _Claim:
+def _claim(run_dir: Path, real: Path | None, images: int, seed: int, reduced: bool | None, per_bin: bool) -> _Claim:
     """Rank 0: refuse a run in training, take the evaluation's lock, remove its stale temporary files, check the
     options its rows were made with."""
     snapshots = sorted((run_dir / "snapshots").glob("tick-*.pt"))
@@ -151,6 +167,9 @@ def _claim(run_dir: Path, real: Path | None, images: int, seed: int, reduced: bo
     lock = WriterLock(run_dir / EVAL, "SWD evaluation").acquire()
     try:
         first = torch.load(snapshots[0], map_location="cpu", weights_only=True)
+        if per_bin and not first["model"].get("label_size", 0):
+            raise ValueError(f"{run_dir}: per-bin SWD needs a slice-conditioned PGAN run (model.label_size > 0); "
+                             "this one is unconditioned")
         store = Path(real or first["store"])
         fingerprint = provenance.fingerprint(Store(store).root)
         reduced = bool(first.get("reduced", False)) if reduced is None else reduced  # older snapshots: full
@@ -165,7 +184,7 @@ def _claim(run_dir: Path, real: Path | None, images: int, seed: int, reduced: bo
         except provenance.OptionsChanged as err:
             raise provenance.OptionsChanged(f"{err}. Rows made another way are never compared with new ones: to score "
                                             f"with these options, move {table} and {run_dir / EVAL} away") from None
-        removed = (remove_stale_temps(run_dir, (TABLE, FIGURE, CACHE)) + remove_stale_temps(run_dir / EVAL)
+        removed = (remove_stale_temps(run_dir, (TABLE, FIGURE, CACHE, BIN_TABLE)) + remove_stale_temps(run_dir / EVAL)
                    + remove_stale_temps(run_dir / "snapshots", (BEST,)))
         if removed:
             log.info("%s: removed %d temporary files of a killed evaluation", run_dir, removed)
@@ -214,6 +233,45 @@ def _cache_real(claim: _Claim, cache: Path, images: int, seed: int, dev: torch.d
         load_descriptors(cache, wanted)
     except (FileNotFoundError, ValueError):
         save_descriptors(cache, descriptors(masks, SWDConfig(), seed, dev), wanted)
+
+
+def _score_bins(run_dir: Path, claim: _Claim, snapshot: str, images: int, seed: int,
+                dev: torch.device) -> list[dict[str, Any]]:
+    """Rank 0: ``swd-bins.csv`` for ``snapshot``: per bin, the real set's masks in it against as many masks generated
+    for it."""
+    path = run_dir / "snapshots" / f"{snapshot}.pt"
+    generator, meta = load_generator(path, dev)
+    bins, _ = snapshot_bins(meta, path)
+    masks = real_masks(claim.store, images, claim.resolution, reduced=claim.reduced)
+    slices = mask_slices(claim.store, claim.reduced)
+    count = min(len(masks), len(slices))  # the real set without the reduced set's repeats
+    masks, real_bins = masks[:count], bins.of(slices[:count])
+    rows = []
+    for b in range(bins.count):
+        real = masks[real_bins == b]
+        first, last = (int(v) for v in _bin_range(bins, b))
+        row: dict[str, Any] = {"snapshot": snapshot, "bin": b, "first_slice": first, "last_slice": last,
+                               "real": len(real), "swd_avg": ""}
+        if len(real):
+            latents = torch.randn(len(real), generator.config.latent,
+                                  generator=torch.Generator().manual_seed(epoch_seed(seed, b)))
+            labels = torch.full((len(real),), b, dtype=torch.int64)
+            fake = generate_labels(generator, float(meta["lod"]), latents, batch=64, labels=labels)
+            result = swd_from_descriptors(descriptors(real, SWDConfig(), seed, dev),
+                                          descriptors(fake, SWDConfig(), seed, dev), seed=seed)
+            row["swd_avg"] = result["swd_x1e3_avg"]
+            log.info("%s bin %d (slices %d–%d, %d real): SWD avg %.2f", snapshot, b, first, last, len(real),
+                     result["swd_x1e3_avg"])
+        rows.append(row)
+    _write_csv(run_dir / BIN_TABLE, rows)
+    return rows
+
+
+def _bin_range(bins: SliceBins, b: int) -> tuple[int, int]:
+    """The first and last slice index of bin ``b``."""
+    indices = np.arange(bins.lo, bins.hi)
+    inside = indices[bins.of(indices) == b]
+    return inside[0], inside[-1]
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
