@@ -44,8 +44,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the repository's
 PAPER_SIZE, PAPER_THRESHOLD = 256, 500.0
 # Wall seconds of each step on the reference 2-core machine (PGAN and SPADE overlap): the progress lines' estimates.
 ESTIMATES = {"prepare": 22.0, "pgan-full": 184.0, "spade-full": 230.0, "swd-full": 44.0, "masks-full": 5.0,
-             "filter-zscore-full": 2.0, "filter-full": 4.0, "images-full": 9.0, "sweep": 270.0,
-             "total": 606.0}
+             "filter-zscore-full": 2.0, "filter-full": 4.0, "images-full": 9.0, "sweep": 360.0,
+             "total": 696.0}
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class DemoConfig:
     min_std: float = 0.1
     filters: tuple[str, ...] = ("zscore", "dscore")
     dscore_quantile: float = 0.01
+    sweep_with: tuple[str, ...] = ("augmentation",)  # the demo sweep's extras: a "real + augmentation" row
     cluster: str = "local"
     profile: str = "local"
     timeout_s: float = 3600.0
@@ -80,7 +81,8 @@ def pipeline_config(config: DemoConfig) -> PipelineConfig:
                           seed=config.seed, parallel=config.workers, estimates=tuple(ESTIMATES.items()),
                           pgan=TrainStep(CONFIGS / "demo-pgan.yaml"),
                           spade=TrainStep(CONFIGS / "demo-spade.yaml"),
-                          sweep=CONFIGS / "sweeps" / "demo.yaml", profile=config.profile)
+                          sweep=CONFIGS / "sweeps" / "demo.yaml", sweep_with=config.sweep_with,
+                          profile=config.profile)
 
 
 def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:

@@ -29,6 +29,8 @@ ROW_READING = {
     "real + synthetic": "real slices plus as many PGAN + SPADE pairs; the paper's question is whether this row beats "
                         "the first.",
     "synthetic": "synthetic pairs only, scored on real test slices: how much of the task the generators capture.",
+    "real + augmentation": "the real slices with classical augmentation (rotation, scaling, flips, elastic, gamma; "
+                           "not in the paper): the cheap alternative that synthetic data has to beat.",
 }
 
 
