@@ -474,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--split", choices=("slice", "subject"), default="slice")
     p.add_argument("--seed", type=natural, default=0)
-    p.add_argument("--modality", choices=("t1", "t1ce", "t2", "flair"), default="t1ce")
+    p.add_argument("--modality", default="t1ce",
+                   help="t1, t1ce, t2 or flair, or several comma-separated: one image channel each (default t1ce)")
     p.add_argument("--tissue", choices=("auto", "fast", "hmrf", "none"), default="auto")
     p.add_argument("--workers", type=count, default=1)
     p.add_argument("--skip-bad", action="store_true", help="skip invalid subjects (listed in the manifest)")

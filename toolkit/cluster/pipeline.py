@@ -107,7 +107,9 @@ class PipelineConfig:
     a step. ``estimates``: expected seconds per step name (e.g. measured on a reference machine), ``sweep`` for the
     sweep and optionally ``total`` for the whole run's wall time (else their sum): the progress lines' "about m:ss
     left". ``subjects``: which subjects of ``cohort`` the ``prepare`` step ingests, a glob of their folder under it
-    (``HGG/*``: BraTS 2018's 210 high-grade subjects) or of their names; None ingests them all. ``filter``: the filter
+    (``HGG/*``: BraTS 2018's 210 high-grade subjects) or of their names; None ingests them all. ``modality``: the
+    store's image channels (prepare's ``--modality``: ``t1ce``, the paper's, or several, e.g. ``t1ce,flair``; SPADE's
+    ``model.out_channels`` must then match). ``filter``: the filter
     stages in the order they run (:func:`filter_steps`): ``zscore`` (``threshold``, ``min_std``) and/or ``dscore``
     (the PGAN discriminator's score, threshold ``dscore_threshold`` if given, e.g. what ``filter dscore --calibrate``
     suggested, else the ``dscore_quantile`` of the real validation masks' scores).
@@ -136,6 +138,7 @@ class PipelineConfig:
     parallel: PositiveInt = 1
     estimates: tuple[tuple[str, PositiveFloat], ...] = ()
     subjects: str | None = None
+    modality: str = "t1ce"
 
     def __post_init__(self) -> None:
         if self.subjects is not None and not self.subjects.strip():
@@ -215,7 +218,7 @@ def prepare_config(cfg: PipelineConfig, store: Path) -> PrepareConfig:
     the subjects ``cfg.subjects`` selects (prepare's ``include``, given only when set)."""
     selection = {"include": (cfg.subjects,)} if cfg.subjects is not None else {}
     return PrepareConfig(src=Path(cfg.cohort), out=store, size=cfg.size, seed=cfg.seed, workers=cfg.workers,
-                         **selection)
+                         modality=cfg.modality, **selection)
 
 
 def sweep_variables(cfg: PipelineConfig) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 A :class:`Source` names a store split and a row selection (a prefix of the shuffled rows, optionally without the
 all-background rows); a :class:`SliceDataset` concatenates sources, e.g. 5,208 real + 4,792 synthetic slices, and
-serves ``{"image": uint16 [1,S,S], "label": uint8 [S,S], "source": int, "index": int}`` with labels in the requested
+serves ``{"image": uint16 [C,S,S], "label": uint8 [S,S], "source": int, "index": int}`` (C: the stores' modalities,
+which every source must share) with labels in the requested
 class view: the stored types, so a batch crosses to the GPU in a quarter of the bytes of float32 + int64 and is
 converted there. Images keep their raw intensities: normalisation belongs to the trainer (:meth:`intensity_stats`).
 
@@ -92,6 +93,8 @@ class SliceDataset(Dataset):
         self.with_image = with_image
         self.kinds: list[str] = []
         self.image_size = 0
+        self.channels = 0  # image channels per row, the same in every source (checked when images are served)
+        self.modalities: tuple[str, ...] = ()  # theirs in order, where a source records them
         self._tables: list[np.ndarray | None] = []  # stored class -> view class per source; None is the identity
         self._paths: list[Path] = []  # every shard of every source; ``_shard`` indexes this list
         self._sha256: list[str] = []  # their manifest checksums, for shards without fletcher32
@@ -119,6 +122,13 @@ class SliceDataset(Dataset):
             raise DatasetError(f"{store.root}: image size {m.image_size} differs from the first source's "
                                f"{self.image_size}")
         self.image_size = m.image_size
+        if self.with_image:
+            first = self.modalities
+            if self.channels and (m.channels != self.channels or (first and m.modalities and m.modalities != first)):
+                raise DatasetError(f"{store.root}: images of modality {m.modality!r} ({m.channels} channels), but the "
+                                   f"first source's are {','.join(first) or 'unrecorded'} ({self.channels}); every "
+                                   "source must hold the same modalities in the same order")
+            self.channels, self.modalities = m.channels, first or m.modalities
         table = view_table(m.classes, self.classes)
         self._tables.append(None if np.array_equal(table, np.arange(m.classes)) else table)
         self.kinds.append(m.kind)
@@ -203,13 +213,13 @@ class SliceDataset(Dataset):
         shard, local, src = self._shard[idx], self._local[idx], self._src[idx]
         size = self.image_size
         label = np.empty((len(idx), size, size), dtype=np.uint8)
-        image = np.empty((len(idx), size, size), dtype=np.uint16) if self.with_image else None
+        image = np.empty((len(idx), self.channels, size, size), dtype=np.uint16) if self.with_image else None
         for j in np.lexsort((local, shard)):  # shard by shard, rows ascending: sequential within each file
             _, label_ds, image_ds = self._datasets(int(shard[j]))
             with reading(self._paths[shard[j]]):
                 label[j] = label_ds[local[j]]
                 if image is not None:
-                    image[j] = image_ds[local[j]]
+                    image[j] = image_ds[local[j]]  # a [S,S] row fills the one channel, a [C,S,S] row all C
         for s in np.unique(src):
             table = self._tables[s]
             if table is not None:
@@ -218,7 +228,7 @@ class SliceDataset(Dataset):
         batch = {"label": torch.from_numpy(label), "source": torch.from_numpy(src.astype(np.int64)),
                  "index": torch.from_numpy(idx)}
         if image is not None:
-            batch["image"] = torch.from_numpy(image).unsqueeze(1)
+            batch["image"] = torch.from_numpy(image)
         samples = [{key: value[j] if key in ("label", "image") else int(value[j]) for key, value in batch.items()}
                    for j in range(len(idx))]
         return _Batch(samples, batch)

@@ -19,6 +19,9 @@ store folder:
    when their checksum holds), export PNGs (existing files are complete, since each is written atomically), and write
    the manifest last.
 
+``modality`` may name several modalities, comma-separated (``t1ce,flair``): each slice then stores one image channel
+per modality, in that order (see :mod:`toolkit.data.store`), and PNGs go to ``png/<split>/image-<modality>/``.
+
 The work folder goes once the manifest is written. A bad subject stops the run before any store is committed, unless
 ``skip_bad`` is set; then it is listed in the manifest. A fresh run stopped by a bad subject removes what it wrote; a
 resumed one keeps every finished subject and shard, so it resumes once the file is fixed. Killing the process at any
@@ -105,7 +108,7 @@ class PrepareConfig:
     png: bool = True
     split: str = "slice"
     seed: int = 0
-    modality: str = "t1ce"
+    modality: str = "t1ce"  # or several, comma-separated: the image channels in order (e.g. "t1ce,flair")
     tissue: str = "auto"
     workers: int = 1
     skip_bad: bool = False
@@ -119,7 +122,9 @@ class PrepareConfig:
         object.__setattr__(self, "include", tuple(self.include))
         checks = {
             "split": (self.split in MODES, f"one of {MODES}"),
-            "modality": (self.modality in MODALITIES, f"one of {MODALITIES}"),
+            "modality": (bool(self.modalities) and set(self.modalities) <= set(MODALITIES)
+                         and len(set(self.modalities)) == len(self.modalities),
+                         f"one of {MODALITIES}, or several of them comma-separated without repeats"),
             "tissue": (self.tissue in TISSUE_MODES, f"one of {TISSUE_MODES}"),
             "size": (self.size >= 8 and not self.size & (self.size - 1), "a power of two ≥ 8"),
             "shard_size": (self.shard_size >= 1, "≥ 1"),
@@ -131,6 +136,11 @@ class PrepareConfig:
         for name, (ok, expected) in checks.items():
             if not ok:
                 raise PrepareError(f"option --{name.replace('_', '-')} = {getattr(self, name)!r}: expected {expected}")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The image channels' modalities in order."""
+        return tuple(self.modality.split(",")) if isinstance(self.modality, str) and self.modality else ()
 
     @property
     def classes(self) -> int:
@@ -324,28 +334,31 @@ def _ingest_one(job: tuple[Subject, PrepareConfig, str, Path]) -> tuple[int, dic
     except NiftiError as err:
         return 0, {}, err
     write_bytes(facts_path, json.dumps(facts).encode())
-    for path, array in ((image_path, axial_slices(image, config.size, labels=False)),
+    channels = [axial_slices(volume, config.size, labels=False) for volume in image]
+    slices = channels[0] if len(channels) == 1 else np.stack(channels, axis=1)  # the store's [z,S,S] or [z,C,S,S]
+    for path, array in ((image_path, slices),
                         (label_path, axial_slices(mask, config.size, labels=True, classes=config.classes))):
         # Saved to memory, then written by Python: numpy writes a real file with C fwrite, and reports a full disk as a
         # short write without errno, which could not be told from other errors.
         buffer = io.BytesIO()
         np.save(buffer, array)
         write_bytes(path, buffer.getvalue())
-    return int(image.shape[2]), facts, None
+    return int(image.shape[3]), facts, None
 
 
 def _subject_mask(subject: Subject, config: PrepareConfig,
                   convention: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """The subject's MR volume (uint16) and stored-class mask volume, in BraTS' voxel layout, and its facts."""
+    """The subject's MR volumes (uint16 ``[C, x, y, z]``, one per modality) and stored-class mask volume, in BraTS'
+    voxel layout, and its facts."""
     use_fast = config.tissue == "fast" or (config.tissue == "auto" and "fast" in subject.files)
     tissue_role = "t1" if "t1" in subject.files else "t1ce"
-    roles = [config.modality, "seg"]
+    roles = [*config.modalities, "seg"]
     if use_fast:
         roles.append("fast")
     elif config.tissue != "none" and tissue_role not in roles:
         roles.append(tissue_role)
     volumes = load_subject(subject, roles, convention)
-    image = to_uint16(volumes[config.modality].data, volumes[config.modality].file)
+    image = np.stack([to_uint16(volumes[m].data, volumes[m].file) for m in config.modalities])
     seg = volumes["seg"].data
     if config.tissue == "none":
         tissue = None
@@ -353,7 +366,7 @@ def _subject_mask(subject: Subject, config: PrepareConfig,
         tissue = volumes["fast"].data
     else:
         reference = volumes[tissue_role].data
-        brain = (reference > 0) | (image > 0) | (seg > 0)
+        brain = (reference > 0) | (image > 0).any(axis=0) | (seg > 0)
         # A resection cavity is segmented with the tissue (its voxels take the tissue class found there).
         tissue = segment_tissue(reference, brain, exclude=tumour_classes(seg, convention) > 0)
     source = volumes["seg"]
@@ -419,7 +432,8 @@ def _write_store(writer: StoreWriter, ingested: list[tuple[str, int, dict[str, A
                          subject=[names[s] for s in owner], slice_index=local)
     if config.png:
         shard_files = [out / shard_name(split, i) for split, count in shard_counts.items() for i in range(count)]
-        list(parallel_map(export_png, [(out, f) for f in shard_files], config.workers, desc="png shards"))
+        jobs = [(out, f, config.modalities) for f in shard_files]
+        list(parallel_map(export_png, jobs, config.workers, desc="png shards"))
     return writer.finish(
         kind="real", image_size=config.size, has_image=True, shard_counts=shard_counts, modality=config.modality,
         skipped=tuple(skipped),
@@ -427,22 +441,27 @@ def _write_store(writer: StoreWriter, ingested: list[tuple[str, int, dict[str, A
     )
 
 
-def export_png(job: tuple[Path, Path]) -> int:
-    """Write the PNGs of one shard that do not exist yet; returns how many were written."""
-    store, shard = job
+def export_png(job: tuple[Path, Path, tuple[str, ...]]) -> int:
+    """Write the PNGs of one shard that do not exist yet; returns how many were written. ``job`` is (store, shard,
+    the store's modalities): a one-channel image goes to ``png/<split>/image/``, channel ``c`` of several to
+    ``png/<split>/image-<modality c>/``."""
+    store, shard, modalities = job
     split = shard.parent.name
     written = 0
     with h5py.File(shard, "r") as f:
         subjects = f["subject"].asstr()[:]
         slices = f["slice"][:]
-        for field in ("image", "label"):
-            if field not in f:
-                continue
-            folder = store / "png" / split / field
+        planes = [("label", None)]
+        if "image" in f:
+            several = f["image"].ndim == 4
+            planes += [(f"image-{name}", c) for c, name in enumerate(modalities)] if several else [("image", None)]
+        for folder_name, channel in planes:
+            data = f["label" if folder_name == "label" else "image"]
+            folder = store / "png" / split / folder_name
             for row, (subject, z) in enumerate(zip(subjects, slices)):
                 path = folder / png_name(subject, int(z))
                 if not path.exists():
-                    write_png(path, f[field][row])
+                    write_png(path, data[row] if channel is None else data[row, channel])
                     written += 1
     return written
 

@@ -3,7 +3,8 @@
 Layout (DESIGN §4)::
 
     STORE/manifest.json            written last and atomically; a store without it is incomplete
-    STORE/<split>/shard-00000.h5   image uint16 [n,S,S] (absent in mask-only stores), label uint8 [n,S,S],
+    STORE/<split>/shard-00000.h5   image uint16 [n,S,S], or [n,C,S,S] for a store of C ≥ 2 modalities (absent in
+                                   mask-only stores), label uint8 [n,S,S],
                                    subject fixed-length utf-8 [n], slice int16 [n], empty bool [n],
                                    class_pixels uint32 [n,K]
     STORE/.progress.jsonl          while a store is being written: one line per finished shard (removed at the end)
@@ -31,6 +32,10 @@ with plain file I/O through :mod:`toolkit.atomic`: HDF5's own writes swallow a f
 the process (measured: a segmentation fault, the temporary file left), whereas Python's raise, and become one
 :class:`~toolkit.atomic.DiskError` naming the file, with the temporary file removed. Writing costs the same as before
 (CPU time per shard within ±6 % in one run), and the bytes depend only on the rows, not on the writing process.
+
+A store may hold several MR modalities per slice (``prepare --modality t1ce,flair``): the manifest's ``modality``
+is then their comma-separated list in channel order and each image row is ``[C,S,S]``; a one-modality store keeps
+DESIGN §4's ``[S,S]`` rows, so every store written before reads as it did. :attr:`Manifest.channels` says which.
 
 Two per-row datasets go beyond DESIGN §4: ``empty`` (the mask is all background, so consumers such as the PGAN can
 drop it without reading the label) and ``class_pixels`` (pixel count per class, so class frequencies and the U-Net's
@@ -181,6 +186,20 @@ class Manifest:
     format: str = FORMAT
 
     @property
+    def modalities(self) -> tuple[str, ...]:
+        """The image channels' modalities in order (``modality`` split at commas); empty when unrecorded."""
+        return tuple(self.modality.split(",")) if self.modality else ()
+
+    @property
+    def channels(self) -> int:
+        """Image channels per row: one per modality (1 for a store that records none)."""
+        return max(1, len(self.modalities))
+
+    def image_shape(self, n: int) -> tuple[int, ...]:
+        """The shape of ``n`` image rows: ``(n, S, S)`` for one channel, ``(n, C, S, S)`` for C ≥ 2."""
+        return image_shape(n, self.channels, self.image_size)
+
+    @property
     def codec(self) -> str:
         """The codec of the shards (one of :data:`CODECS`)."""
         return codec_of(self.compression)
@@ -250,6 +269,17 @@ class Manifest:
         )
 
 
+def image_shape(n: int, channels: int, size: int) -> tuple[int, ...]:
+    """Shape of ``n`` stored image rows of ``channels`` channels: ``[n,S,S]`` for one (DESIGN §4), else
+    ``[n,C,S,S]``."""
+    return (n, size, size) if channels == 1 else (n, channels, size, size)
+
+
+def as_channels(image: np.ndarray) -> np.ndarray:
+    """Stored image rows (``[n,S,S]`` or ``[n,C,S,S]``) as ``[n,C,S,S]``, a view."""
+    return image[:, None] if image.ndim == 3 else image
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
@@ -314,8 +344,10 @@ def write_shard(path: Path, *, label: np.ndarray, subject: Sequence[str], slice_
     n, size = label.shape[0], label.shape[-1]
     if label.dtype != np.uint8 or label.shape != (n, size, size) or n == 0:
         raise ValueError(f"{path}: label must be uint8 [n,S,S] with n ≥ 1, got {label.dtype} {label.shape}")
-    if image is not None and (image.dtype != np.uint16 or image.shape != label.shape):
-        raise ValueError(f"{path}: image must be uint16 {label.shape}, got {image.dtype} {image.shape}")
+    if image is not None and (image.dtype != np.uint16 or image.shape[0] != n or image.shape[-2:] != (size, size)
+                              or image.ndim not in (3, 4) or (image.ndim == 4 and image.shape[1] < 2)):
+        raise ValueError(f"{path}: image must be uint16 [n,S,S] or [n,C,S,S] with C ≥ 2 (label {label.shape}), got "
+                         f"{image.dtype} {image.shape}")
     if len(subject) != n or len(slice_index) != n:
         raise ValueError(f"{path}: subject and slice must have one entry per row")
     peak = int(label.max())
@@ -559,7 +591,7 @@ def verify(store: Store) -> list[str]:
                 with h5py.File(path, "r") as f:
                     expected = {"label": (np.uint8, (info.n, m.image_size, m.image_size))}
                     if m.has_image:
-                        expected["image"] = (np.uint16, (info.n, m.image_size, m.image_size))
+                        expected["image"] = (np.uint16, m.image_shape(info.n))
                     for name, (dtype, shape) in expected.items():
                         if name not in f or f[name].dtype != dtype or f[name].shape != shape:
                             problems.append(f"{path}: dataset '{name}' is not {np.dtype(dtype)} {shape}")

@@ -16,8 +16,9 @@ checks it (nnunetv2/experiment_planning/verify_dataset_integrity.py)::
   dataset.json names it in ``overwrite_image_reader_writer``. PNG is lossless, as nnU-Net requires. Images are our
   uint16 intensities as 16-bit greyscale, labels 8-bit greyscale, both written by :mod:`toolkit.data.png`.
 - ``labels`` maps name → integer (v2's direction), ``"background": 0``, then the class view's names in order, so the
-  values are consecutive. ``channel_names`` is ``{"0": <the store's modality>}`` (e.g. ``T1ce``); any name but
-  ``CT`` gives per-case z-scoring, right for MR.
+  values are consecutive. ``channel_names`` is ``{"0": <the store's modality>}`` (e.g. ``T1ce``), or one entry per
+  modality of a several-modality store (``{"0": "T1ce", "1": "FLAIR"}``, each case then has ``<case>_0000.png``,
+  ``<case>_0001.png``); any name but ``CT`` gives per-case z-scoring, right for MR.
 
 Training cases are the real store's train **and** val splits (nnU-Net holds out its own validation folds: 5-fold
 cross-validation over imagesTr), followed by the first ``synthetic_n`` rows of the synthetic store's train split.
@@ -54,7 +55,7 @@ from toolkit import provenance
 from toolkit.atomic import fsync_dir, naming_disk_errors, umask
 from toolkit.data.labels import CLASS_NAMES, view_table
 from toolkit.data.png import encode_png, png_name
-from toolkit.data.store import Store, StoreError, open_shard, reading
+from toolkit.data.store import Store, StoreError, as_channels, open_shard, reading
 from toolkit.lock import WriterLock
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,12 @@ DATASET_JSON = "dataset.json"
 CASES = "tumorsynth_cases.csv"
 FILE_ENDING = ".png"
 READER = "NaturalImage2DIO"  # nnU-Net v2's reader/writer for .png (also .bmp, .tif)
-CHANNEL = "0000"  # one input channel: the store's modality
 TRAIN_SPLITS = ("train", "val")  # nnU-Net cross-validates over all training cases itself
 VIEWS = (7, 4, 2)
 CHANNEL_NAMES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # the NAME of DatasetNNN_NAME
 _CASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a case identifier (a file name stem)
-_BLOCK = 128  # rows per read: bounds memory at 128 × S² × 3 bytes
+_BLOCK = 128  # rows per read: bounds memory at 128 × S² × (2C + 1) bytes
 
 
 class NnUNetExportError(ValueError):
@@ -95,7 +95,7 @@ class Plan:
     dataset_id: int
     name: str
     classes: int
-    channel: str
+    channels: tuple[str, ...]  # nnU-Net's channel names, one per image channel of the stores
     parts: tuple[Part, ...]
 
     def count(self, half: str, kind: str | None = None) -> int:
@@ -166,6 +166,9 @@ def plan_export(real: Path, *, dataset_id: int, name: str, classes: int, synthet
         if sm.modality and sm.modality != m.modality:
             raise NnUNetExportError(f"{manifest}: field 'modality' is {sm.modality!r}, the real store's is "
                                     f"{m.modality!r}; one nnU-Net channel cannot hold both")
+        if sm.channels != m.channels:
+            raise NnUNetExportError(f"{manifest}: {sm.channels}-channel images, the real store's have {m.channels} "
+                                    f"(field 'modality' {m.modality!r})")
         available = sm.splits["train"].n if "train" in sm.splits else 0
         n = available if synthetic_n is None else synthetic_n
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -178,7 +181,7 @@ def plan_export(real: Path, *, dataset_id: int, name: str, classes: int, synthet
     if "test" in m.splits:
         parts.append(Part(store, "test", m.splits["test"].n, "real", "Ts"))
     plan = Plan(folder=folder, dataset_id=dataset_id, name=name, classes=classes,
-                channel=CHANNEL_NAMES.get(m.modality, m.modality), parts=tuple(parts))
+                channels=tuple(CHANNEL_NAMES.get(name, name) for name in m.modalities), parts=tuple(parts))
     if not plan.count("Tr"):
         raise NnUNetExportError(f"{store.root / 'manifest.json'}: fields 'splits.train.n' and 'splits.val.n' hold no "
                                 "rows (and no synthetic pairs are added): nnU-Net needs training cases")
@@ -193,7 +196,7 @@ def dataset_json(plan: Plan) -> dict[str, Any]:
                                               "fingerprint": provenance.fingerprint(part.store.root), "rows": {}})
         entry["rows"][part.split] = part.n
     return {
-        "channel_names": {"0": plan.channel},
+        "channel_names": {str(c): name for c, name in enumerate(plan.channels)},
         "labels": label_names(plan.classes),
         "numTraining": plan.count("Tr"),
         "file_ending": FILE_ENDING,
@@ -209,7 +212,8 @@ def dataset_json(plan: Plan) -> dict[str, Any]:
 
 
 def _rows(part: Part, classes: int) -> Iterator[tuple[int, str, int, np.ndarray, np.ndarray]]:
-    """``(row, subject, slice, image, label in the view)`` for the first ``part.n`` rows of the part's split."""
+    """``(row, subject, slice, image [C,S,S], label in the view)`` for the first ``part.n`` rows of the part's
+    split."""
     table = view_table(part.store.manifest.classes, classes)
     row = 0
     for info, path in part.store.shards(part.split):
@@ -222,7 +226,8 @@ def _rows(part: Part, classes: int) -> Iterator[tuple[int, str, int, np.ndarray,
                 labels = f["label"][lo:hi]
                 if labels.size and int(labels.max()) >= len(table):
                     raise StoreError(f"{path}: label {int(labels.max())} in a store of {len(table)} classes")
-                images, subjects, slices = f["image"][lo:hi], f["subject"].asstr()[lo:hi], f["slice"][lo:hi]
+                images = as_channels(f["image"][lo:hi])
+                subjects, slices = f["subject"].asstr()[lo:hi], f["slice"][lo:hi]
                 for image, label, subject, slice_index in zip(images, table[labels], subjects, slices):
                     yield row, str(subject), int(slice_index), image, label
                     row += 1
@@ -259,7 +264,8 @@ def _write_cases(root: Path, plan: Plan) -> list[list[Any]]:
                 raise NnUNetExportError(f"{where}: case {case} (subject {subject!r}, slice {slice_index}) occurs "
                                         f"twice (also {seen[(part.half, case)]})")
             seen[(part.half, case)] = where
-            _write(root / f"images{part.half}" / f"{case}_{CHANNEL}{FILE_ENDING}", encode_png(image))
+            for channel, plane in enumerate(image):
+                _write(root / f"images{part.half}" / f"{case}_{channel:04d}{FILE_ENDING}", encode_png(plane))
             _write(root / f"labels{part.half}" / f"{case}{FILE_ENDING}", encode_png(label))
             table.append([case, f"images{part.half}", part.kind, str(part.store.root.resolve()), part.split, row,
                           subject, slice_index])

@@ -157,7 +157,7 @@ def sampling_grid(params: Params, size: int, device: torch.device) -> torch.Tens
 
 def augment(image: torch.Tensor, label: torch.Tensor, params: Params, peak: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image [N, 1, S, S] (float, raw intensities) and label [N, S, S] (int64) of one rank's batch, augmented on
+    """Image [N, C, S, S] (float, raw intensities) and label [N, S, S] (int64) of one rank's batch, augmented on
     their device by ``params`` (this rank's rows)."""
     size = image.shape[-1]
     if image.shape[-2] != size:

@@ -2,11 +2,13 @@
 
 Owns the export of a U-Net run's ``best.pt`` and its check. The exported model needs nothing from this toolkit:
 
-- input: the raw image as stored, float32 (the store's uint16 values cast, not rescaled), ``[N, 1, S, S]`` (NCHW,
-  ONNX input name ``image``; TorchScript) or ``[N, S, S, 1]`` (NHWC, Keras). The batch size is free; ``S`` is the run's
-  image size (its store's ``image_size``).
-- inside: the run's normalisation ``x / max − mean`` (constants from ``best.pt["stats"]``), the U-Net in inference mode
-  (BatchNorm with its running statistics), and the softmax over classes.
+- input: the raw image as stored, float32 (the store's uint16 values cast, not rescaled), ``[N, C, S, S]`` (NCHW,
+  ONNX input name ``image``; TorchScript) or ``[N, S, S, C]`` (NHWC, Keras), one channel per modality of the run's
+  store in its order (C = 1 for a one-modality store). The batch size is free; ``S`` is the run's image size (its
+  store's ``image_size``).
+- inside: the run's normalisation (``x / max − mean`` with constants from ``best.pt["stats"]``, or per slice and
+  channel, :func:`toolkit.train.unet.normalise`), the U-Net in inference mode (BatchNorm with its running
+  statistics), and the softmax over classes. Keras takes the paper's normalisation only (a ``Rescaling`` layer).
 - output: class probabilities, float32, ``[N, C, S, S]`` (ONNX output name ``probabilities``; TorchScript) or
   ``[N, S, S, C]`` (Keras); ``argmax`` over the class axis gives the label map in the run's class scheme.
 
@@ -32,7 +34,7 @@ from torch import nn
 
 from toolkit import config as configs
 from toolkit.atomic import atomic_path
-from toolkit.data.store import Store, StoreError
+from toolkit.data.store import Store, StoreError, as_channels
 from toolkit.models.unet import UNet
 from toolkit.models.unet_keras import build_keras_unet, copy_weights, keras_module
 from toolkit.train.unet import UNetRunConfig, build_model, normalise
@@ -53,19 +55,22 @@ class ExportError(ValueError):
 
 
 class InferenceUNet(nn.Module):
-    """Raw images ``[N, 1, S, S]`` → probabilities ``[N, C, S, S]``: the run's normalisation, the U-Net, the softmax."""
+    """Raw images ``[N, C_in, S, S]`` → probabilities ``[N, C, S, S]``: the run's normalisation, the U-Net, the
+    softmax."""
 
-    def __init__(self, unet: UNet, stats: dict[str, float]) -> None:
+    def __init__(self, unet: UNet, stats: dict[str, Any]) -> None:
         super().__init__()
         self.unet = unet.eval()
-        self.stats = {"max": float(stats["max"]), "mean": float(stats["mean"])}  # plain floats: baked in as constants
+        # plain floats: baked in as constants
+        self.stats = {"max": float(stats["max"]), "mean": float(stats["mean"]),
+                      "normalise": str(stats.get("normalise", "max"))}
         self.eval()
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.unet(normalise(image, self.stats)), dim=1)
 
 
-def load_run(run_dir: Path) -> tuple[UNetRunConfig, UNet, dict[str, float]]:
+def load_run(run_dir: Path) -> tuple[UNetRunConfig, UNet, dict[str, Any]]:
     """The run's config, its best U-Net (eval mode, CPU) and normalisation stats; errors name the missing file."""
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir}: no such run directory")
@@ -76,13 +81,14 @@ def load_run(run_dir: Path) -> tuple[UNetRunConfig, UNet, dict[str, float]]:
     if not best_path.exists():
         raise ExportError(f"{best_path}: no best checkpoint yet (the run has not finished an epoch)")
     best = torch.load(best_path, map_location="cpu", weights_only=True)
-    model = build_model(cfg)
+    model = build_model(cfg, int(best.get("in_channels", 1)))
     model.load_state_dict(best["model"], strict=True)
-    return cfg, model.eval(), {"max": float(best["stats"]["max"]), "mean": float(best["stats"]["mean"])}
+    return cfg, model.eval(), dict(best["stats"])
 
 
-def validation_images(store_path: Path, image_size: int | None, peak: float) -> tuple[np.ndarray, str, int]:
-    """``(images [n, 1, S, S] float32, source description, S)``: the store's first test rows, else seeded random."""
+def validation_images(store_path: Path, image_size: int | None, peak: float,
+                      channels: int = 1) -> tuple[np.ndarray, str, int]:
+    """``(images [n, C, S, S] float32, source description, S)``: the store's first test rows, else seeded random."""
     try:
         store = Store(store_path)
         manifest = store.manifest
@@ -92,11 +98,12 @@ def validation_images(store_path: Path, image_size: int | None, peak: float) -> 
         manifest = None
     size = image_size or manifest.image_size
     test = manifest.splits.get("test") if manifest else None
-    if manifest and manifest.has_image and manifest.image_size == size and test and test.n:
-        rows = store.read("test", 0, VALIDATION_IMAGES, fields=("image",))["image"]
-        return rows[:, None].astype(np.float32), f"{store_path} test rows 0-{len(rows) - 1}", size
+    if (manifest and manifest.has_image and manifest.image_size == size and manifest.channels == channels and test
+            and test.n):
+        rows = as_channels(store.read("test", 0, VALIDATION_IMAGES, fields=("image",))["image"])
+        return rows.astype(np.float32), f"{store_path} test rows 0-{len(rows) - 1}", size
     generator = np.random.default_rng(0)
-    images = (generator.random((VALIDATION_IMAGES, 1, size, size)) * peak).astype(np.float32)
+    images = (generator.random((VALIDATION_IMAGES, channels, size, size)) * peak).astype(np.float32)
     return images, "seeded random intensities in [0, max]", size
 
 
@@ -150,6 +157,9 @@ def _keras(model: InferenceUNet, example: torch.Tensor, path: Path) -> Runner:
         keras = keras_module()
     except ImportError as exc:
         raise ExportError(str(exc)) from exc
+    if model.stats["normalise"] != "max":
+        raise ExportError(f"Keras export takes the paper's normalisation (data.normalise: max) only, this run's is "
+                          f"{model.stats['normalise']!r}: export it as onnx or torchscript")
     keras_model = build_keras_unet(model.unet.config, example.shape[-1],
                                    normalisation=(model.stats["max"], model.stats["mean"]))
     copy_weights(model.unet, keras_model)
@@ -162,18 +172,20 @@ EXPORTERS: dict[str, Callable[[InferenceUNet, torch.Tensor, Path], Runner]] = {
     "keras": _keras, "onnx": _onnx, "torchscript": _torchscript}
 
 
-def contract(fmt: str, size: int, classes: int, stats: dict[str, float]) -> dict[str, Any]:
+def contract(fmt: str, size: int, classes: int, stats: dict[str, Any], channels: int = 1) -> dict[str, Any]:
     """The I/O contract of an exported model (see the module docstring)."""
     nhwc = fmt == "keras"
+    per_slice = stats.get("normalise", "max") == "slice"
+    formula = "x / mean of x > 0, per slice and channel" if per_slice else "x / max - mean"
     return {
         "input": {"name": "image", "dtype": "float32", "layout": "NHWC" if nhwc else "NCHW",
-                  "shape": [None, size, size, 1] if nhwc else [None, 1, size, size],
+                  "shape": [None, size, size, channels] if nhwc else [None, channels, size, size],
                   "values": "raw stored intensities (uint16 cast to float32, not rescaled)"},
         "output": {"name": "probabilities", "dtype": "float32", "layout": "NHWC" if nhwc else "NCHW",
                    "shape": [None, size, size, classes] if nhwc else [None, classes, size, size],
                    "values": "softmax class probabilities; argmax over the class axis is the label map"},
         "classes": classes,
-        "normalisation": {"formula": "x / max - mean", "max": stats["max"], "mean": stats["mean"],
+        "normalisation": {"formula": formula, **({} if per_slice else {"max": stats["max"], "mean": stats["mean"]}),
                           "applied": "inside the exported model"},
     }
 
@@ -189,7 +201,8 @@ def export_unet(run_dir: Path, fmt: Format, out: Path, *, image_size: int | None
     if fmt == "keras" and out.suffix != ".keras":
         raise ExportError(f"{out}: a Keras model file must end in .keras (Keras refuses to load other names)")
     cfg, unet, stats = load_run(run_dir)
-    images, source, size = validation_images(cfg.data.real, image_size, stats["max"])
+    channels = unet.config.in_channels
+    images, source, size = validation_images(cfg.data.real, image_size, stats["max"], channels)
     model = InferenceUNet(unet, stats)
     with torch.no_grad():
         expected = model(torch.from_numpy(images)).numpy()
@@ -205,5 +218,5 @@ def export_unet(run_dir: Path, fmt: Format, out: Path, *, image_size: int | None
                               f"(> {TOLERANCE:g}) on {source}; nothing written")
     log.info("exported %s as %s to %s (max abs diff %.3g on %s)", run_dir, fmt, out, diff, source)
     return {"format": fmt, "path": str(out), "run": str(run_dir), "bytes": out.stat().st_size,
-            **contract(fmt, size, cfg.data.classes, stats),
+            **contract(fmt, size, cfg.data.classes, stats, channels),
             "validation": {"images": len(images), "source": source, "max_abs_diff": diff, "tolerance": TOLERANCE}}

@@ -192,6 +192,10 @@ class SPADETask:
                              f"{cfg.model.resolution}")
         if manifest.classes != cfg.model.label_nc:
             raise ValueError(f"{d.store}: {manifest.classes}-class masks, model.label_nc is {cfg.model.label_nc}")
+        if manifest.channels != cfg.model.out_channels:
+            raise ValueError(f"{d.store}: {manifest.channels}-channel images (modality {manifest.modality}), "
+                             f"model.out_channels is {cfg.model.out_channels}: set model.out_channels: "
+                             f"{manifest.channels}")
         self.intensity_max = float(manifest.intensity_max)
         self.meta = {"intensity_max": self.intensity_max, "modality": manifest.modality, "store": str(d.store),
                      "reduced": d.reduced}
@@ -265,7 +269,7 @@ class SPADETask:
                                precision=self.precision)
 
     def _synthesise(self, label: torch.Tensor) -> torch.Tensor:
-        """What synthesis writes for labels [N, H, W] on the device: intensities [N, 1, H, W] (float, integral)."""
+        """What synthesis writes for labels [N, H, W] on the device: intensities [N, C, H, W] (float, integral)."""
         segmap = one_hot(label, self.cfg.model.label_nc).contiguous(memory_format=self.memory_format)
         return to_uint16(self.G(segmap), self.intensity_max).float()
 
@@ -284,10 +288,12 @@ class SPADETask:
         if self.dist.is_main:
             save_generator(self.G, self.cfg.model, {**self.meta, "epoch": epoch}, self.run_dir / GENERATOR)
             label = self.grid_batch["label"]
-            row_grid([("mask", label.numpy(), True),
-                      ("synthetic", grid[:, 0].cpu().numpy(), False),
-                      ("class mean", paint(self.class_means, label)[:, 0].numpy(), False),
-                      ("real", self.grid_batch["image"][:, 0].numpy(), False)],
+            images = {"synthetic": grid.cpu(), "class mean": paint(self.class_means, label),
+                      "real": self.grid_batch["image"]}
+            names = [f" {m}" for m in self.meta["modality"].split(",")] if self.cfg.model.out_channels > 1 else [""]
+            rows = [(f"{title}{name}", batch[:, c].numpy(), False) for c, name in enumerate(names)
+                    for title, batch in images.items()]
+            row_grid([("mask", label.numpy(), True), *rows],
                      self.run_dir / "samples" / f"epoch-{epoch:04d}.png", f"SPADE epoch {epoch}")
         half = len(sums) // 2
         return {**metric_means(sums[:half], "val"), **metric_means(sums[half:], "baseline")}

@@ -40,20 +40,22 @@ def _batches(dataset: SliceDataset) -> Iterable[dict[str, torch.Tensor]]:
 
 
 def class_means(dataset: SliceDataset) -> np.ndarray:
-    """Mean image intensity of every class of ``dataset``'s class view over its pairs (store units, float64); 0 for a
-    class with no pixels. Streamed in chunks of rows."""
-    total, count = np.zeros(dataset.classes), np.zeros(dataset.classes, dtype=np.int64)
+    """Mean image intensity of every class of ``dataset``'s class view over its pairs, per image channel: float64
+    ``[C, classes]`` in store units; 0 for a class with no pixels. Streamed in chunks of rows."""
+    k = dataset.classes
+    total, count = np.zeros((dataset.channels, k)), np.zeros(k, dtype=np.int64)
     for batch in _batches(dataset):
         label = batch["label"].numpy().ravel()
-        total += np.bincount(label, weights=batch["image"].numpy().ravel(), minlength=dataset.classes)
-        count += np.bincount(label, minlength=dataset.classes)
-    return np.divide(total, count, out=np.zeros(dataset.classes), where=count > 0)
+        for c, channel in enumerate(batch["image"].numpy().transpose(1, 0, 2, 3)):
+            total[c] += np.bincount(label, weights=channel.ravel(), minlength=k)
+        count += np.bincount(label, minlength=k)
+    return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
 
 
 def paint(means: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """The baseline image [N, 1, H, W] of labels [N, H, W]: each pixel its class's mean (``means`` on the labels'
-    device)."""
-    return means[label.long()].unsqueeze(1)
+    """The baseline image [N, C, H, W] of labels [N, H, W]: each pixel of channel c its class's mean there
+    (``means`` [C, classes] on the labels' device)."""
+    return means[:, label.long()].transpose(0, 1)
 
 
 def largest_brains(source: Source, classes: int, n: int) -> list[int]:
@@ -69,10 +71,12 @@ def largest_brains(source: Source, classes: int, n: int) -> list[int]:
 
 def metric_sums(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], data_range: float,
                 device: torch.device) -> torch.Tensor:
-    """Over (predicted, real) batches [N, 1, H, W]: the sum of each per-image metric of :data:`METRICS` and the image
-    count, as a float32 [4] tensor on ``device`` (no host sync; zeros without pairs)."""
+    """Over (predicted, real) batches [N, C, H, W]: the sum of each per-image metric of :data:`METRICS` and the image
+    count, as a float32 [4] tensor on ``device`` (no host sync; zeros without pairs). Each channel of a
+    several-modality image counts as one image, so the means are over slices and modalities."""
     total = torch.zeros(len(METRICS) + 1, device=device)
     for predicted, real in pairs:
+        predicted, real = predicted.flatten(0, 1).unsqueeze(1), real.flatten(0, 1).unsqueeze(1)
         values = [l1(predicted, real), psnr(predicted, real, data_range), ssim(predicted, real, data_range)]
         total += torch.stack([v.sum() for v in values] + [torch.ones_like(values[0]).sum()])
     return total

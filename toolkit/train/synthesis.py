@@ -31,7 +31,7 @@ import torch
 
 from toolkit import provenance
 from toolkit.data.prepare import export_png
-from toolkit.data.store import Manifest, Store, open_shard, reading
+from toolkit.data.store import Manifest, Store, as_channels, open_shard, reading
 from toolkit.lock import LockedError, describe, holder
 from toolkit.models.spade import one_hot
 from toolkit.mpi import from_root, world
@@ -47,13 +47,15 @@ PREVIEW = "preview.png"
 
 @torch.no_grad()
 def synthesize(G: torch.nn.Module, labels: np.ndarray, intensity_max: float, batch: int) -> np.ndarray:
-    """uint16 images [n, R, R] for uint8 masks [n, R, R], ``batch`` at a time."""
+    """uint16 images for uint8 masks [n, R, R], ``batch`` at a time: [n, R, R] from a one-channel generator, else
+    [n, C, R, R] (the store's layouts)."""
     device = next(G.parameters()).device
     classes = G.cfg.label_nc
     parts = []
     for i in range(0, len(labels), batch):
         segmap = one_hot(torch.from_numpy(labels[i:i + batch]).to(device), classes)
-        parts.append(to_uint16(G(segmap)[:, 0], intensity_max).cpu())
+        image = G(segmap)
+        parts.append(to_uint16(image[:, 0] if image.shape[1] == 1 else image, intensity_max).cpu())
     return torch.cat(parts).numpy().astype(np.uint16)
 
 
@@ -97,7 +99,7 @@ def generate_images(run_dir: Path, masks: Path, out: Path, *, batch: int = 16, d
             return None
         if png:
             for split, k in inputs:
-                export_png((out, out / writer.done(split, k).file))
+                export_png((out, out / writer.done(split, k).file, tuple((meta.get("modality") or "").split(","))))
         manifest = writer.finish(kind="synthetic", image_size=m.image_size, has_image=True,
                                  shard_counts={split: len(m.splits[split].shards) for split in m.splits},
                                  reduced_fraction=m.reduced_fraction, modality=meta.get("modality"),
@@ -122,5 +124,8 @@ def preview(store: Path, columns: int = 8) -> Path | None:
     if not s.manifest.splits[split].n:
         return None
     rows = s.read(split, 0, columns, fields=("label", "image"))
-    return row_grid([("mask", rows["label"], True), ("synthetic MR", rows["image"], False)], Path(store) / PREVIEW,
-                    f"{s.root.name}: synthetic pairs")
+    names = [f" {m}" for m in s.manifest.modalities] if s.manifest.channels > 1 else [""]
+    images = as_channels(rows["image"])
+    return row_grid([("mask", rows["label"], True),
+                     *((f"synthetic MR{name}", images[:, c], False) for c, name in enumerate(names))],
+                    Path(store) / PREVIEW, f"{s.root.name}: synthetic pairs")

@@ -4,9 +4,12 @@ Fills in :class:`toolkit.train.loop.Task`. Paper settings (all config values): A
 it linearly over its last ``optim.decay_epochs``), batch 8, 150 epochs, shuffle each epoch, validate each epoch, keep
 ``best.pt`` when validation improves.
 
-- Inputs: ``x / max − mean`` with ``max`` the training data's maximum pixel value and ``mean`` the scalar mean of the
-  scaled training images, over the data actually trained on (real + synthetic, as the paper did) or, with
-  ``stats_from: real``, over the real part only.
+- Inputs: one channel per modality of the stores (``prepare --modality t1ce,flair`` gives two). Normalised
+  (``data.normalise``) as the paper did, ``x / max − mean`` with ``max`` the training data's maximum pixel value and
+  ``mean`` the scalar mean of the scaled training images, over the data actually trained on (real + synthetic) or,
+  with ``stats_from: real``, over the real part only; or, with ``normalise: slice``, each channel of each slice
+  divided by the mean of its brain (non-zero) pixels, so that scanner gains, which differ up to 10× between BraTS
+  institutions, fall out (:func:`normalise`).
 - Loss: ``1 − Σ_c w_c · Dice_c`` with soft Dice from per-class sums over the *global* batch (summed across DDP ranks
   with a differentiable all-reduce, so 2 ranks × 4 equal 1 process × 8) and class weights
   ``w_c = (1/f_c) / Σ_k (1/f_k)`` from the training pixels' class frequencies ``f`` (absent class: weight 0); plus,
@@ -56,6 +59,7 @@ class DataConfig:
     synthetic_n: NonNegativeInt | None = None
     classes: Annotated[int, Range(ge=2)] = 7  # background and at least one class
     stats_from: Literal["all", "real"] = "all"
+    normalise: Literal["max", "slice"] = "max"  # the paper's x / max − mean, or per slice and channel (see normalise)
     val_split: str = "val"
     workers: NonNegativeInt = 0
 
@@ -110,15 +114,17 @@ class UNetRunConfig:
         return stores
 
 
-def network_config(cfg: UNetRunConfig) -> UNetConfig:
-    """The network a run trains: its class count and the model section's sizes."""
+def network_config(cfg: UNetRunConfig, in_channels: int = 1) -> UNetConfig:
+    """The network a run trains: one input channel per modality of its stores, its class count and the model
+    section's sizes."""
     m = cfg.model
-    return UNetConfig(classes=cfg.data.classes, widths=m.widths, bridge=m.bridge, bn_momentum=m.bn_momentum)
+    return UNetConfig(in_channels=in_channels, classes=cfg.data.classes, widths=m.widths, bridge=m.bridge,
+                      bn_momentum=m.bn_momentum)
 
 
-def build_model(cfg: UNetRunConfig) -> UNet:
+def build_model(cfg: UNetRunConfig, in_channels: int = 1) -> UNet:
     """The configured network (before device placement and DDP)."""
-    return UNet(network_config(cfg))
+    return UNet(network_config(cfg, in_channels))
 
 
 def training_loss(probs: torch.Tensor, onehot: torch.Tensor, weights: torch.Tensor, ce_weight: float,
@@ -135,9 +141,16 @@ def training_loss(probs: torch.Tensor, onehot: torch.Tensor, weights: torch.Tens
     return loss
 
 
-def normalise(image: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:
-    """``image / max − mean``: the paper's input scaling."""
-    return image / stats["max"] - stats["mean"]
+def normalise(image: torch.Tensor, stats: dict[str, Any]) -> torch.Tensor:
+    """The network input for raw images ``[N, C, S, S]``: ``image / max − mean`` (the paper's scaling; ``stats``
+    from the training data), or, when ``stats["normalise"]`` is ``"slice"``, each channel of each slice over the
+    mean of its non-zero pixels (the brain: BraTS volumes are 0 outside it), so the brain averages 1 and the
+    background stays 0. Device ops only: no host synchronisation."""
+    if stats.get("normalise", "max") == "max":
+        return image / stats["max"] - stats["mean"]
+    x = image.float()
+    brain = (x > 0).sum((2, 3), keepdim=True).clamp_min(1)
+    return x / (x.sum((2, 3), keepdim=True) / brain).clamp_min(1.0)  # an empty slice stays 0
 
 
 class UNetTask:
@@ -158,10 +171,12 @@ class UNetTask:
         self.val_set = SliceDataset([Source(d.real, d.val_split)], classes=d.classes)
         stats_set = self.train_set if d.stats_from == "all" else SliceDataset([real], classes=d.classes)
         peak, mean = stats_set.intensity_stats()
-        self.stats = {"max": float(peak), "mean": float(mean)}
+        self.stats = {"max": float(peak), "mean": float(mean), "normalise": d.normalise}
+        self.in_channels = self.train_set.channels
         weights = class_weights(self.train_set.class_pixels())
-        log.info("training on %s; input max %.0f mean %.4f; class weights %s", self.train_set.describe(), peak, mean,
-                 np.round(weights, 4).tolist())
+        log.info("training on %s (%s); input max %.0f mean %.4f, normalised by %s; class weights %s",
+                 self.train_set.describe(), ",".join(self.train_set.modalities) or "1 channel", peak, mean,
+                 d.normalise, np.round(weights, 4).tolist())
         # a constant of every step: on the device once, not copied there per step
         self.weights = torch.as_tensor(weights, dtype=torch.float32, device=dist.device)
         runtime = cfg.runtime
@@ -169,7 +184,7 @@ class UNetTask:
         self.precision = Precision.for_device(runtime.precision, dist.device)
         self.memory_format = runtime.memory_format(dist.device)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg).to(memory_format=self.memory_format)
+        self.model = build_model(cfg, self.in_channels).to(memory_format=self.memory_format)
         self.net = dist.wrap(self.model, sync_bn=runtime.sync_bn)
         self.step_fn = compiled(self.net, runtime.compile)
         self.optimizer = dist.optimizer(adam(self.net.parameters(), dist.device, lr=cfg.optim.lr))
@@ -242,14 +257,14 @@ class UNetTask:
     def save_best(self, path: Path) -> None:
         with atomic_path(path) as tmp:
             torch.save({"model": self.model.state_dict(), "stats": self.stats, "weights": self.weights.cpu(),
-                        "config": to_dict(self.cfg)}, tmp)
+                        "in_channels": self.in_channels, "config": to_dict(self.cfg)}, tmp)
 
 
 # BraTS evaluation regions as sets of 4/7-class tumour labels: whole tumour, tumour core, enhancing tumour.
 REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 
 
-def forward(net: Callable[[torch.Tensor], torch.Tensor], batch: dict[str, torch.Tensor], stats: dict[str, float],
+def forward(net: Callable[[torch.Tensor], torch.Tensor], batch: dict[str, torch.Tensor], stats: dict[str, Any],
             classes: int, device: torch.device, precision: Precision,
             memory_format: torch.memory_format = torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
     """Class probabilities (fp32) for a loader batch and its one-hot labels, on ``device``."""

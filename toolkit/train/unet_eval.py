@@ -46,10 +46,13 @@ def _evaluate(run_dir: Path, store: Path | None, split: str, device: str | None)
     dev = distributed.pick_device(device)
     precision = Precision.for_device(cfg.runtime.precision, dev)
     memory_format = cfg.runtime.memory_format(dev)
-    model = build_model(cfg)
+    model = build_model(cfg, int(best.get("in_channels", 1)))
     model.load_state_dict(best["model"], strict=True)
     model.to(dev, memory_format=memory_format).eval()
     dataset = SliceDataset([Source(store or cfg.data.real, split)], classes=cfg.data.classes)
+    if dataset.channels != model.config.in_channels:
+        raise ValueError(f"{store or cfg.data.real}: {dataset.channels}-channel images, but the U-Net in {best_path} "
+                         f"takes {model.config.in_channels}")
     rows, batch = list(range(len(dataset))), cfg.optim.batch
     batches = loader(dataset, [rows[i:i + batch] for i in range(0, len(rows), batch)], workers=0, device=dev)
 
