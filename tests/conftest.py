@@ -33,6 +33,14 @@ def store_64(cohort, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def store_64_two(cohort, tmp_path_factory) -> Path:
+    """The cohort prepared as ``store_64``, with two image channels: T1ce and FLAIR."""
+    out = tmp_path_factory.mktemp("stores") / "real64-t1ce-flair"
+    prepare(PrepareConfig(src=cohort, out=out, size=64, shard_size=128, workers=2, modality="t1ce,flair"))
+    return out
+
+
 def _latest_task_state(run_dir: Path) -> dict:
     folder = Path(run_dir) / "checkpoints"
     return torch.load(folder / (folder / "latest").read_text().strip(), weights_only=True)["task"]

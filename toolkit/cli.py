@@ -36,7 +36,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     config = PrepareConfig(
         src=Path(args.src), out=Path(args.out), size=args.size, shard_size=args.shard_size, png=args.png,
-        split=args.split, seed=args.seed, modality=args.modality, tissue=args.tissue, workers=args.workers,
+        split=args.split, seed=args.seed, modality=args.modality, tissue=args.tissue, intensity=args.intensity,
+        workers=args.workers,
         skip_bad=args.skip_bad, labels=args.labels, include=tuple(args.include), compression=args.compression,
     )
     result = prepare(config)
@@ -477,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default="t1ce",
                    help="t1, t1ce, t2 or flair, or several comma-separated: one image channel each (default t1ce)")
     p.add_argument("--tissue", choices=("auto", "fast", "hmrf", "none"), default="auto")
+    p.add_argument("--intensity", choices=("raw", "volume"), default="raw",
+                   help="raw: the volumes' values (the paper); volume: each volume scaled to a brain median of 1000")
     p.add_argument("--workers", type=count, default=1)
     p.add_argument("--skip-bad", action="store_true", help="skip invalid subjects (listed in the manifest)")
     p.add_argument("--labels", choices=("brats2018", "brats2023", "msd"), default=None,

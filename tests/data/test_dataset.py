@@ -156,8 +156,8 @@ def test_class_pixels_over_served_rows(stores):
 def test_intensity_stats(stores):
     dataset = SliceDataset([Source(stores["real"][0], n=9, drop_empty=True), Source(stores["synthetic"][0], "val")])
     images = stacked(dataset)["image"].astype(np.float64)
-    peak, mean = dataset.intensity_stats()
-    assert peak == images.max()
+    peak, mean, channel_max = dataset.intensity_stats()
+    assert peak == images.max() and channel_max == (peak,)
     assert mean == pytest.approx((images / images.max()).mean(), rel=1e-12)
     with pytest.raises(DatasetError, match="mask-only"):
         SliceDataset([Source(stores["masks"][0])], with_image=False).intensity_stats()

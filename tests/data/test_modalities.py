@@ -1,26 +1,27 @@
 """Stores of several MR modalities (``prepare --modality t1ce,flair``): the [n,C,S,S] layout, what prepare writes into
-it, the PNG export per modality, and the datasets that serve it."""
+it, the PNG export per modality, the datasets that serve it, and ``--intensity volume``, which takes the scanner gain
+out of every volume."""
+
+import shutil
 
 import h5py
+import nibabel as nib
 import numpy as np
 import pytest
 
 from toolkit.data.dataset import DatasetError, SliceDataset, Source
 from toolkit.data.png import png_name, read_png
-from toolkit.data.prepare import PrepareConfig, PrepareError, prepare
+from toolkit.data.prepare import VOLUME_MEDIAN, PrepareConfig, PrepareError, prepare
+from toolkit.data.slicing import axial_slices
 from toolkit.data.store import Store, StoreWriter, verify, write_shard
 
 
 @pytest.fixture(scope="module")
-def two_channel(cohort, store_64, tmp_path_factory):
-    """The session cohort prepared as store_64 is, but with T1ce and FLAIR, and with FLAIR alone."""
-    root = tmp_path_factory.mktemp("modalities")
-    stores = {}
-    for name, modality in (("both", "t1ce,flair"), ("flair", "flair")):
-        stores[name] = root / name
-        prepare(PrepareConfig(src=cohort, out=stores[name], size=64, shard_size=128, workers=2, modality=modality,
-                              png=name == "both"))
-    return {"t1ce": store_64, **stores}
+def two_channel(cohort, store_64, store_64_two, tmp_path_factory):
+    """The session cohort prepared as store_64 is: T1ce (store_64), T1ce and FLAIR (store_64_two), FLAIR alone."""
+    flair = tmp_path_factory.mktemp("modalities") / "flair"
+    prepare(PrepareConfig(src=cohort, out=flair, size=64, shard_size=128, workers=2, modality="flair", png=False))
+    return {"t1ce": store_64, "both": store_64_two, "flair": flair}
 
 
 def test_each_channel_of_a_two_modality_store_is_that_modalitys_one_channel_store(two_channel):
@@ -66,6 +67,9 @@ def test_dataset_serves_every_channel_and_refuses_mixing_other_modalities(two_ch
     expected = Store(two_channel["both"]).read("val", fields=("image",))["image"][[3, 0]]
     assert batch["image"].shape == (2, 2, 64, 64)
     np.testing.assert_array_equal(batch["image"].numpy(), expected)
+    stats = both.intensity_stats()
+    assert stats.channel_max == tuple(float(v) for v in expected_all(two_channel["both"]).max(axis=(0, 2, 3)))
+    assert stats.max == max(stats.channel_max)
     one = SliceDataset([Source(two_channel["t1ce"], "val")])
     assert one.channels == 1 and one.collate(one.__getitems__([0]))["image"].shape == (1, 1, 64, 64)
     with pytest.raises(DatasetError, match=r"modality 't1ce'.*first source's are t1ce,flair"):
@@ -75,6 +79,10 @@ def test_dataset_serves_every_channel_and_refuses_mixing_other_modalities(two_ch
     masks_only = SliceDataset([Source(two_channel["both"], "val"), Source(two_channel["t1ce"], "val")],
                               with_image=False)  # labels alone mix whatever the images are
     assert len(masks_only) == 2 * len(one)
+
+
+def expected_all(store):
+    return Store(store).read("val", fields=("image",))["image"]
 
 
 def test_write_shard_takes_c_channels_and_refuses_other_image_shapes(tmp_path):
@@ -99,3 +107,25 @@ def test_verify_reports_a_shard_whose_channels_disagree_with_the_modalities(tmp_
     writer.finish(kind="real", image_size=8, has_image=True, shard_counts={"train": 1}, modality="t1ce,flair")
     problems = verify(Store(tmp_path / "s"))
     assert len(problems) == 1 and "dataset 'image' is not uint16 (2, 2, 8, 8)" in problems[0]
+
+
+def test_volume_intensity_scales_each_modality_of_each_subject_to_a_brain_median_of_1000(cohort, tmp_path):
+    """At full size the stored rows are exactly each volume × 1000 / its brain median, rounded; gains are gone."""
+    subject = sorted(cohort.iterdir())[1]
+    shutil.copytree(subject, tmp_path / "cohort" / subject.name)
+    out = tmp_path / "store"
+    prepare(PrepareConfig(src=tmp_path / "cohort", out=out, size=256, png=False, split="subject", tissue="none",
+                          modality="t1ce,flair", intensity="volume"))
+    store = Store(out)
+    (split,) = [k for k, v in store.manifest.splits.items() if v.n]
+    rows = store.read(split, fields=("image", "slice"))
+    order = rows["slice"].astype(int)
+    for c, modality in enumerate(("t1ce", "flair")):
+        volume = np.asanyarray(nib.load(subject / f"{subject.name}_{modality}.nii.gz").dataobj).astype(np.float64)
+        scaled = np.rint(volume * (VOLUME_MEDIAN / np.median(volume[volume > 0]))).astype(np.uint16)
+        np.testing.assert_array_equal(rows["image"][:, c], axial_slices(scaled, 256, labels=False)[order])
+        stored = rows["image"][:, c]
+        assert abs(np.median(stored[stored > 0]) - VOLUME_MEDIAN) <= 1
+    assert store.manifest.provenance["options"]["intensity"] == "volume"
+    with pytest.raises(PrepareError, match=r"option --intensity = 'zscore': expected one of \('raw', 'volume'\)"):
+        PrepareConfig(src=tmp_path, out=tmp_path / "x", intensity="zscore")

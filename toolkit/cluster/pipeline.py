@@ -139,6 +139,7 @@ class PipelineConfig:
     estimates: tuple[tuple[str, PositiveFloat], ...] = ()
     subjects: str | None = None
     modality: str = "t1ce"
+    intensity: str = "raw"  # prepare's --intensity: raw (the paper) or volume (each volume to a brain median of 1000)
 
     def __post_init__(self) -> None:
         if self.subjects is not None and not self.subjects.strip():
@@ -218,7 +219,7 @@ def prepare_config(cfg: PipelineConfig, store: Path) -> PrepareConfig:
     the subjects ``cfg.subjects`` selects (prepare's ``include``, given only when set)."""
     selection = {"include": (cfg.subjects,)} if cfg.subjects is not None else {}
     return PrepareConfig(src=Path(cfg.cohort), out=store, size=cfg.size, seed=cfg.seed, workers=cfg.workers,
-                         modality=cfg.modality, **selection)
+                         modality=cfg.modality, intensity=cfg.intensity, **selection)
 
 
 def sweep_variables(cfg: PipelineConfig) -> dict[str, str]:

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from toolkit.data.labels import view_table
-from toolkit.data.store import SPLITS, Store, open_shard, reading
+from toolkit.data.store import SPLITS, Store, as_channels, open_shard, reading
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,12 @@ class Source:
 
 
 class IntensityStats(NamedTuple):
-    """Image statistics over the served rows: the maximum and the mean of ``image / max``."""
+    """Image statistics over the served rows: the maximum and the mean of ``image / max`` over every channel, and
+    each channel's maximum."""
 
     max: float
     mean: float
+    channel_max: tuple[float, ...]
 
 
 class _Batch(list):
@@ -264,6 +266,7 @@ class SliceDataset(Dataset):
             if not has_image:
                 raise DatasetError(f"{source.store}: mask-only store has no image intensities")
         peak, total, count = 0, 0, 0
+        channel_peak = np.zeros(self.channels or 1, dtype=np.int64)
         for _, shard, rows in self._served_by_shard():
             with self._open_shard(shard) as f, reading(self._paths[shard]):
                 for lo in range(int(rows[0]), int(rows[-1]) + 1, _STATS_BLOCK):
@@ -271,6 +274,8 @@ class SliceDataset(Dataset):
                     if wanted.size:
                         block = f["image"][lo:int(wanted[-1]) + 1][wanted - lo]
                         peak = max(peak, int(block.max()))
+                        channel_peak = np.maximum(channel_peak, as_channels(block).max(axis=(0, 2, 3)))
                         total += int(block.sum(dtype=np.uint64))
                         count += block.size
-        return IntensityStats(max=float(peak), mean=total / (count * peak) if peak else 0.0)
+        return IntensityStats(max=float(peak), mean=total / (count * peak) if peak else 0.0,
+                              channel_max=tuple(float(v) for v in channel_peak))

@@ -83,6 +83,8 @@ log = logging.getLogger(__name__)
 
 WORK = ".work"
 TISSUE_MODES = ("auto", "fast", "hmrf", "none")
+INTENSITY_MODES = ("raw", "volume")
+VOLUME_MEDIAN = 1000.0  # intensity="volume": each volume's brain median after scaling
 
 
 class PrepareError(Exception):
@@ -98,7 +100,10 @@ class PrepareConfig:
     subject is kept when any pattern matches its name, its folder's path under ``src`` (an MSD case:
     ``<folder>/<name>``), or a folder above it there (its path under ``src`` or its name), so ``("HGG",)`` (also with
     ``src`` one level above the HGG/ folder), ``("HGG/*",)`` and ``("Brats18_TCIA*",)`` all work; empty keeps every
-    subject. A pattern matching no subject is an error.
+    subject. A pattern matching no subject is an error. ``intensity``: ``raw`` stores the volumes' values (the paper);
+    ``volume`` scales each modality of each subject so that its brain (non-zero) voxels have the median
+    :data:`VOLUME_MEDIAN`, which removes the scanner's gain (BraTS institutions differ up to 10×) before any model
+    sees the data: a mask → MR generator cannot know a subject's gain from its mask.
     """
 
     src: Path
@@ -110,6 +115,7 @@ class PrepareConfig:
     seed: int = 0
     modality: str = "t1ce"  # or several, comma-separated: the image channels in order (e.g. "t1ce,flair")
     tissue: str = "auto"
+    intensity: str = "raw"
     workers: int = 1
     skip_bad: bool = False
     labels: str | None = None
@@ -126,6 +132,7 @@ class PrepareConfig:
                          and len(set(self.modalities)) == len(self.modalities),
                          f"one of {MODALITIES}, or several of them comma-separated without repeats"),
             "tissue": (self.tissue in TISSUE_MODES, f"one of {TISSUE_MODES}"),
+            "intensity": (self.intensity in INTENSITY_MODES, f"one of {INTENSITY_MODES}"),
             "size": (self.size >= 8 and not self.size & (self.size - 1), "a power of two ≥ 8"),
             "shard_size": (self.shard_size >= 1, "≥ 1"),
             "workers": (self.workers >= 1, "≥ 1"),
@@ -157,6 +164,8 @@ class PrepareConfig:
             identity["include"] = list(self.include)
         if self.compression != DEFAULT_CODEC:
             identity["compression"] = self.compression
+        if self.intensity != "raw":
+            identity["intensity"] = self.intensity
         return identity
 
 
@@ -358,7 +367,8 @@ def _subject_mask(subject: Subject, config: PrepareConfig,
     elif config.tissue != "none" and tissue_role not in roles:
         roles.append(tissue_role)
     volumes = load_subject(subject, roles, convention)
-    image = np.stack([to_uint16(volumes[m].data, volumes[m].file) for m in config.modalities])
+    image = np.stack([to_uint16(_standardised(volumes[m].data, config.intensity), volumes[m].file)
+                      for m in config.modalities])
     seg = volumes["seg"].data
     if config.tissue == "none":
         tissue = None
@@ -378,6 +388,16 @@ def _subject_mask(subject: Subject, config: PrepareConfig,
             log.debug("%s: %d resection-cavity voxels mapped to the tissue underneath", source.file,
                       facts["resection_cavity_voxels"])
     return image, compose_mask(seg, tissue, convention), facts
+
+
+def _standardised(volume: np.ndarray, intensity: str) -> np.ndarray:
+    """``volume`` as it is stored: unchanged (``raw``), or scaled so its non-zero voxels' median is
+    :data:`VOLUME_MEDIAN` (``volume``; an all-zero volume stays zero)."""
+    if intensity == "raw":
+        return volume
+    data = np.asarray(volume, dtype=np.float64)
+    brain = data[data > 0]
+    return data * (VOLUME_MEDIAN / float(np.median(brain))) if brain.size else data
 
 
 def _provenance(cohort: Cohort, config: PrepareConfig, convention: str,

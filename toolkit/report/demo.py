@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from toolkit.data.prepare import VOLUME_MEDIAN
 from toolkit.data.store import Store, summary
 
 # What the demo must show (issue #14): real-only Dice error % per class set and the BraTS regions' Dice.
@@ -62,12 +63,20 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _intensity_note(info: dict[str, Any]) -> str:
+    """What the store did to the volumes' intensities, when it did anything."""
+    if info["provenance"].get("options", {}).get("intensity") != "volume":
+        return ""
+    return (f" (each volume scaled to a brain median of {VOLUME_MEDIAN:.0f}: the institutions' scanner gains, which "
+            "no mask can tell, are gone)")
+
+
 def store_section(out: Path) -> list[str]:
     info = summary(Store(out / "store"))
     return [
         "## 1. Store (prepare)", "",
         f"{info['classes']}-class masks and {info['modality']} images at {out_size(out)}², intensity max "
-        f"{info['intensity_max']}; slices shuffled and split 80/10/10.", "",
+        f"{info['intensity_max']}{_intensity_note(info)}; slices shuffled and split 80/10/10.", "",
         "| split | slices | empty masks |", "|---|---:|---:|",
         *(f"| {k} | {v} | {info['empty'][k]} |" for k, v in info["splits"].items()),
         f"| reduced (first 20 % of train) | {info['reduced']} | |", "",
@@ -185,9 +194,15 @@ def spade_section(out: Path, branch: str = "full") -> tuple[list[str], list[Chec
     better = {m: (last[f"val_{m}"] < last[f"baseline_{m}"]) == low for m, low in lower.items()}
     shown = {m: (".1f" if m == "l1" else ".2f" if m == "psnr" else ".3f") for m in lower}
 
-    def cell(who: str, m: str) -> str:
-        text = format(last[f"{who}_{m}"], shown[m])
-        return f"**{text}**" if better[m] == (who == "val") else text
+    def cell(who: str, m: str, suffix: str = "") -> str:
+        value, rival = last[f"{who}_{m}{suffix}"], last[f"{'baseline' if who == 'val' else 'val'}_{m}{suffix}"]
+        text = format(value, shown[m])
+        return f"**{text}**" if (value < rival) == lower[m] else text
+
+    modalities = Store(out / "store").manifest.modalities
+    per_modality = [f"| {who} ({name}) | " + " | ".join(cell(key, m, f"_{name}") for m in lower) + " |"
+                    for name in modalities if f"val_l1_{name}" in last
+                    for who, key in ((f"SPADE, epoch {last['epoch']}", "val"), ("class-mean baseline", "baseline"))]
 
     checks = [Check(f"SPADE: validation {m.upper()} {'below' if low else 'above'} the class-mean baseline's",
                     cell("val", m).strip("*"), f"{'<' if low else '>'} {cell('baseline', m).strip('*')}", better[m])
@@ -202,12 +217,16 @@ def spade_section(out: Path, branch: str = "full") -> tuple[list[str], list[Chec
         "| on the validation split | L1 (intensity units, lower is better) | PSNR dB (higher) | SSIM (higher) |",
         "|---|---:|---:|---:|",
         f"| SPADE, epoch {last['epoch']} | " + " | ".join(cell("val", m) for m in lower) + " |",
-        "| class-mean baseline | " + " | ".join(cell("baseline", m) for m in lower) + " |", "",
+        "| class-mean baseline | " + " | ".join(cell("baseline", m) for m in lower) + " |",
+        *per_modality, "",
+        *(["Each modality is scored on its own; the first two rows average them (every channel counts as one "
+           "image, in intensity units, where FLAIR's values are about twice T1ce's).", ""] if per_modality else []),
         "How to read it: a phantom image is mostly its class's mean intensity plus noise, so the flat, noise-free "
         "baseline is a high bar on L1 and SSIM; PSNR, dominated by the largest errors, rewards getting edges and "
         "intensity ramps right first.", "",
         "By epoch (L1): " + ", ".join(f"{m['val_l1']:.1f}" for m in epochs) + ".", "",
-        *(_figure(out, samples[-1], "SPADE on validation masks: mask / synthetic / class-mean baseline / real")
+        *(_figure(out, samples[-1], "SPADE on validation masks: mask, then synthetic / class-mean baseline / real"
+                  + (" for each modality" if per_modality else ""))
           if samples else []),
     ]
     synthetic = Store(out / "stores" / f"synthetic-{branch}").manifest

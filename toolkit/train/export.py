@@ -157,9 +157,6 @@ def _keras(model: InferenceUNet, example: torch.Tensor, path: Path) -> Runner:
         keras = keras_module()
     except ImportError as exc:
         raise ExportError(str(exc)) from exc
-    if model.stats["normalise"] != "max":
-        raise ExportError(f"Keras export takes the paper's normalisation (data.normalise: max) only, this run's is "
-                          f"{model.stats['normalise']!r}: export it as onnx or torchscript")
     keras_model = build_keras_unet(model.unet.config, example.shape[-1],
                                    normalisation=(model.stats["max"], model.stats["mean"]))
     copy_weights(model.unet, keras_model)
@@ -201,6 +198,9 @@ def export_unet(run_dir: Path, fmt: Format, out: Path, *, image_size: int | None
     if fmt == "keras" and out.suffix != ".keras":
         raise ExportError(f"{out}: a Keras model file must end in .keras (Keras refuses to load other names)")
     cfg, unet, stats = load_run(run_dir)
+    if fmt == "keras" and stats.get("normalise", "max") != "max":
+        raise ExportError(f"{run_dir}: Keras export takes the paper's normalisation (data.normalise: max) only, this "
+                          f"run's is {stats['normalise']!r}: export it as onnx or torchscript")
     channels = unet.config.in_channels
     images, source, size = validation_images(cfg.data.real, image_size, stats["max"], channels)
     model = InferenceUNet(unet, stats)

@@ -27,7 +27,7 @@ at the paper's settings: no VAE encoder, no VGG loss, no instance map, no flippi
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,14 +105,30 @@ class SPADERunConfig:
         return {"data.store": self.data.store}
 
 
-def to_unit(image: torch.Tensor, intensity_max: float) -> torch.Tensor:
-    """Raw intensities [0, max] → [−1, 1]."""
-    return image * (2 / intensity_max) - 1
+Scale = float | torch.Tensor  # one intensity maximum, or one per channel ([C], on the images' device)
 
 
-def to_uint16(image: torch.Tensor, intensity_max: float) -> torch.Tensor:
+def _per_channel(scale: Scale) -> Scale:
+    return scale.view(1, -1, 1, 1) if isinstance(scale, torch.Tensor) else scale
+
+
+def to_unit(image: torch.Tensor, intensity_max: Scale) -> torch.Tensor:
+    """Raw intensities [0, max] → [−1, 1] (each channel over its own maximum when ``intensity_max`` is [C])."""
+    return image * (2 / _per_channel(intensity_max)) - 1
+
+
+def to_uint16(image: torch.Tensor, intensity_max: Scale) -> torch.Tensor:
     """Generator output in [−1, 1] → raw intensities, rounded and clipped to [0, max] (int32; uint16-safe)."""
-    return torch.round((image.float() + 1) * (intensity_max / 2)).clamp(0, intensity_max).to(torch.int32)
+    peak = _per_channel(intensity_max)
+    return torch.round((image.float() + 1) * (peak / 2)).clamp_min(0).clamp(max=peak).to(torch.int32)
+
+
+def channel_scale(intensity_max: float | Sequence[float], device: torch.device) -> Scale:
+    """What :func:`to_unit` takes for a generator's saved ``intensity_max``: the float of a one-channel store, or the
+    per-channel maxima of a several-modality one as a [C] tensor on ``device``."""
+    if isinstance(intensity_max, (int, float)):
+        return float(intensity_max)
+    return torch.as_tensor([float(v) for v in intensity_max], dtype=torch.float32, device=device)
 
 
 def hinge_d(scores: list[list[torch.Tensor]], real: bool) -> torch.Tensor:
@@ -196,15 +212,22 @@ class SPADETask:
             raise ValueError(f"{d.store}: {manifest.channels}-channel images (modality {manifest.modality}), "
                              f"model.out_channels is {cfg.model.out_channels}: set model.out_channels: "
                              f"{manifest.channels}")
-        self.intensity_max = float(manifest.intensity_max)
-        self.meta = {"intensity_max": self.intensity_max, "modality": manifest.modality, "store": str(d.store),
-                     "reduced": d.reduced}
         self.train_set = SliceDataset([Source(d.store, "train", n="reduced" if d.reduced else None,
                                               drop_empty=d.drop_empty)], classes=cfg.model.label_nc)
+        self.intensity_max = float(manifest.intensity_max)  # the metrics' data range
+        # [−1, 1] per channel: one store maximum for one modality (as the official code scales), each modality's own
+        # training maximum for several, whose scanner ranges differ (FLAIR here ~2× T1ce)
+        peaks = (self.intensity_max if manifest.channels == 1
+                 else list(SliceDataset([Source(d.store, "train")], classes=cfg.model.label_nc).intensity_stats()
+                           .channel_max))
+        self.scale = channel_scale(peaks, dist.device)
+        self.modalities = manifest.modalities if manifest.channels > 1 else ()  # names the grid rows and metrics
+        self.meta = {"intensity_max": peaks, "modality": manifest.modality, "store": str(d.store),
+                     "reduced": d.reduced}
         if len(self.train_set) < cfg.optim.batch:
             raise ValueError(f"{d.store}: {len(self.train_set)} training pairs, fewer than one batch")
         self._init_validation(cfg, dist)
-        log.info("SPADE on %s; intensity max %.0f", self.train_set.describe(), self.intensity_max)
+        log.info("SPADE on %s; intensity max %s", self.train_set.describe(), peaks)
 
         runtime = cfg.runtime
         prepare_device(dist.device)
@@ -234,7 +257,7 @@ class SPADETask:
         log.info("class-mean baseline (training intensities by class): %s", self.class_means.round().tolist())
         cpu = torch.device("cpu")  # the baseline needs no network: computed here once, whatever the run's device
         self.baseline_sums = metric_sums(predicted_pairs(self.val_loader, lambda label: paint(self.class_means, label),
-                                                         cpu), self.intensity_max, cpu)
+                                                         cpu), self.intensity_max, cpu, cfg.model.out_channels)
         self.grid_batch = (val.collate(val.__getitems__(largest_brains(source, cfg.model.label_nc, cfg.samples)))
                            if dist.is_main else None)
 
@@ -258,7 +281,7 @@ class SPADETask:
         """(one-hot mask, image in [−1, 1]) on the device, in the configured memory format."""
         image, label = to_device(batch, self.dist.device)
         segmap = one_hot(label, self.cfg.model.label_nc)
-        image = to_unit(image, self.intensity_max)
+        image = to_unit(image, self.scale)
         return segmap.contiguous(memory_format=self.memory_format), image.contiguous(memory_format=self.memory_format)
 
     # --- steps ------------------------------------------------------------------------------------------------
@@ -271,7 +294,7 @@ class SPADETask:
     def _synthesise(self, label: torch.Tensor) -> torch.Tensor:
         """What synthesis writes for labels [N, H, W] on the device: intensities [N, C, H, W] (float, integral)."""
         segmap = one_hot(label, self.cfg.model.label_nc).contiguous(memory_format=self.memory_format)
-        return to_uint16(self.G(segmap), self.intensity_max).float()
+        return to_uint16(self.G(segmap), self.scale).float()
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict[str, float]:
@@ -280,7 +303,8 @@ class SPADETask:
         device = self.dist.device
         self.G.eval()
         try:
-            sums = metric_sums(predicted_pairs(self.val_loader, self._synthesise, device), self.intensity_max, device)
+            sums = metric_sums(predicted_pairs(self.val_loader, self._synthesise, device), self.intensity_max, device,
+                               self.cfg.model.out_channels)
             grid = self._synthesise(self.grid_batch["label"].to(device)) if self.dist.is_main else None
         finally:
             self.G.train()
@@ -290,24 +314,25 @@ class SPADETask:
             label = self.grid_batch["label"]
             images = {"synthetic": grid.cpu(), "class mean": paint(self.class_means, label),
                       "real": self.grid_batch["image"]}
-            names = [f" {m}" for m in self.meta["modality"].split(",")] if self.cfg.model.out_channels > 1 else [""]
-            rows = [(f"{title}{name}", batch[:, c].numpy(), False) for c, name in enumerate(names)
+            rows = [(f"{title}{name}", batch[:, c].numpy(), False)
+                    for c, name in enumerate([f" {m}" for m in self.modalities] or [""])
                     for title, batch in images.items()]
             row_grid([("mask", label.numpy(), True), *rows],
                      self.run_dir / "samples" / f"epoch-{epoch:04d}.png", f"SPADE epoch {epoch}")
         half = len(sums) // 2
-        return {**metric_means(sums[:half], "val"), **metric_means(sums[half:], "baseline")}
+        return {**metric_means(sums[:half], "val", self.modalities),
+                **metric_means(sums[half:], "baseline", self.modalities)}
 
     # --- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"G": self.G.state_dict(), "D": self.D.state_dict(), "opt_G": self.opt_G.state_dict(),
-                "opt_D": self.opt_D.state_dict(), "intensity_max": self.intensity_max,
+                "opt_D": self.opt_D.state_dict(), "intensity_max": self.meta["intensity_max"],
                 "precision": self.precision.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if float(state["intensity_max"]) != self.intensity_max:
+        if state["intensity_max"] != self.meta["intensity_max"]:
             raise ValueError(f"checkpoint intensity_max {state['intensity_max']} differs from the store's "
-                             f"{self.intensity_max}: the store changed under the run")
+                             f"{self.meta['intensity_max']}: the store changed under the run")
         self.G.load_state_dict(state["G"], strict=True)
         self.D.load_state_dict(state["D"], strict=True)
         self.opt_G.load_state_dict(state["opt_G"])

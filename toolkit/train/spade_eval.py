@@ -69,23 +69,28 @@ def largest_brains(source: Source, classes: int, n: int) -> list[int]:
     return larger[np.linspace(0, len(larger) - 1, min(n, len(larger))).round().astype(int)].tolist()
 
 
-def metric_sums(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], data_range: float,
-                device: torch.device) -> torch.Tensor:
-    """Over (predicted, real) batches [N, C, H, W]: the sum of each per-image metric of :data:`METRICS` and the image
-    count, as a float32 [4] tensor on ``device`` (no host sync; zeros without pairs). Each channel of a
-    several-modality image counts as one image, so the means are over slices and modalities."""
-    total = torch.zeros(len(METRICS) + 1, device=device)
+def metric_sums(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], data_range: float, device: torch.device,
+                channels: int = 1) -> torch.Tensor:
+    """Over (predicted, real) batches [N, C, H, W]: per channel, the sum of each per-image metric of
+    :data:`METRICS` and the image count, as a float32 [C, 4] tensor on ``device`` (no host sync; zeros without
+    pairs)."""
+    total = torch.zeros(channels, len(METRICS) + 1, device=device)
     for predicted, real in pairs:
+        n = predicted.shape[0]
         predicted, real = predicted.flatten(0, 1).unsqueeze(1), real.flatten(0, 1).unsqueeze(1)
         values = [l1(predicted, real), psnr(predicted, real, data_range), ssim(predicted, real, data_range)]
-        total += torch.stack([v.sum() for v in values] + [torch.ones_like(values[0]).sum()])
+        total += torch.stack([*values, torch.ones_like(values[0])], 1).view(n, channels, -1).sum(0)
     return total
 
 
-def metric_means(sums: torch.Tensor, prefix: str) -> dict[str, float]:
-    """``{prefix_metric: mean}`` from (all-reduced) :func:`metric_sums` (a host sync)."""
-    *values, count = sums.tolist()
-    return {f"{prefix}_{name}": value / count for name, value in zip(METRICS, values)}
+def metric_means(sums: torch.Tensor, prefix: str, modalities: Sequence[str] = ()) -> dict[str, float]:
+    """``{prefix_metric: mean}`` over every image channel from (all-reduced) :func:`metric_sums` [C, 4], and with
+    two or more ``modalities`` (one per channel) also ``{prefix_metric_<modality>: mean}`` (a host sync)."""
+    rows = sums.tolist()
+    named = [("", [sum(column) for column in zip(*rows)])]
+    if len(modalities) > 1:
+        named += [(f"_{modality}", row) for modality, row in zip(modalities, rows)]
+    return {f"{prefix}_{name}{suffix}": value / row[-1] for suffix, row in named for name, value in zip(METRICS, row)}
 
 
 def predicted_pairs(batches: Iterable[dict[str, torch.Tensor]], predict: Callable[[torch.Tensor], torch.Tensor],

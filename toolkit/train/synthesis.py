@@ -38,7 +38,7 @@ from toolkit.mpi import from_root, world
 from toolkit.report.figures import row_grid
 from toolkit.train.distributed import mpi_device
 from toolkit.train.ranks import open_store, write_shards
-from toolkit.train.spade import GENERATOR, load_generator, to_uint16
+from toolkit.train.spade import GENERATOR, channel_scale, load_generator, to_uint16
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +46,18 @@ PREVIEW = "preview.png"
 
 
 @torch.no_grad()
-def synthesize(G: torch.nn.Module, labels: np.ndarray, intensity_max: float, batch: int) -> np.ndarray:
+def synthesize(G: torch.nn.Module, labels: np.ndarray, intensity_max: float | list[float], batch: int) -> np.ndarray:
     """uint16 images for uint8 masks [n, R, R], ``batch`` at a time: [n, R, R] from a one-channel generator, else
     [n, C, R, R] (the store's layouts)."""
     device = next(G.parameters()).device
     classes = G.cfg.label_nc
+    scale = channel_scale(intensity_max, device)
     parts = []
     for i in range(0, len(labels), batch):
         segmap = one_hot(torch.from_numpy(labels[i:i + batch]).to(device), classes)
         image = G(segmap)
-        parts.append(to_uint16(image[:, 0] if image.shape[1] == 1 else image, intensity_max).cpu())
+        image = to_uint16(image, scale)
+        parts.append((image[:, 0] if image.shape[1] == 1 else image).cpu())
     return torch.cat(parts).numpy().astype(np.uint16)
 
 
@@ -83,7 +85,7 @@ def generate_images(run_dir: Path, masks: Path, out: Path, *, batch: int = 16, d
     if complete:
         log.info("%s: store is already complete", out)
         return writer  # rank 0: the manifest; other ranks None
-    intensity_max = float(meta["intensity_max"])
+    intensity_max = meta["intensity_max"]
     inputs = {(split, k): shard for split in m.splits for k, shard in enumerate(source.shards(split))}
 
     def make(split: str, k: int) -> dict[str, Any]:

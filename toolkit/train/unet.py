@@ -170,7 +170,7 @@ class UNetTask:
                              f"fewer than one batch of {cfg.optim.batch}")
         self.val_set = SliceDataset([Source(d.real, d.val_split)], classes=d.classes)
         stats_set = self.train_set if d.stats_from == "all" else SliceDataset([real], classes=d.classes)
-        peak, mean = stats_set.intensity_stats()
+        peak, mean, _ = stats_set.intensity_stats()
         self.stats = {"max": float(peak), "mean": float(mean), "normalise": d.normalise}
         self.in_channels = self.train_set.channels
         weights = class_weights(self.train_set.class_pixels())
