@@ -58,7 +58,8 @@ def tiny_pipeline(cohort, tmp_path_factory):
                      "minibatch": {4: 16}, "tick_kimg": {4: 1}},
         "loop": {"checkpoint_every_minutes": 0.0}, "runtime": {"threads": 1}, "samples": 4})
     spade = _yaml(tmp_path / "spade.yaml", {
-        "data": {"store": "set-by-pipeline"}, "model": {"resolution": 64, "ngf": 2, "ndf": 4, "hidden": 4},
+        "data": {"store": "set-by-pipeline"},
+        "model": {"resolution": 64, "ngf": 2, "ndf": 4, "hidden": 4, "out_channels": 2},
         "optim": {"batch": 8}, "loop": {"epochs": 1, "checkpoint_every_minutes": 0.0}, "runtime": {"threads": 1},
         "samples": 2})
     base = _yaml(tmp_path / "unet.yaml", {
@@ -76,7 +77,8 @@ def tiny_pipeline(cohort, tmp_path_factory):
     # stage's quantile rule would keep none (which its job refuses); an absolute threshold below them all keeps them.
     cfg = PipelineConfig(out=out, cohort=cohort, pgan=TrainStep(pgan), spade=TrainStep(spade), sweep=sweep, size=64,
                          workers=2, branches=("full",), swd_images=32, masks=40, ranks=2, threshold=485.0,
-                         min_std=0.5, filter=("zscore", "dscore"), dscore_threshold=-1e9)
+                         min_std=0.5, filter=("zscore", "dscore"), dscore_threshold=-1e9, modality="t1ce,flair",
+                         intensity="volume")  # the demo's store: two modalities, each volume standardised
     return cfg, run_pipeline(cfg, "local")
 
 
@@ -111,6 +113,7 @@ def test_local_pipeline_prepares_filters_and_runs_every_step_then_skips_them(tin
     assert chain["kept"] == d_keep.sum() >= 8 and np.array_equal(kept.read("train")["label"], masks[keep][d_keep])
     synthetic = Store(out / "stores" / "synthetic-full").manifest
     assert synthetic.has_image and synthetic.splits["train"].n == d_keep.sum()
+    assert synthetic.modalities == Store(out / "store").manifest.modalities == ("t1ce", "flair")
     assert synthetic.provenance["masks"] == str((out / "stores" / "kept-full").resolve())
     assert (out / "runs" / "pgan-full" / "snapshots" / "best").exists()
     members = json.loads((out / "sweep" / "sweep.json").read_text())["members"]
@@ -220,6 +223,7 @@ def test_demo_report_has_every_section_in_order_and_every_linked_figure_exists(t
     assert "## 3. Filters: Z-score, then discriminator score" in text
     assert "figure missing" not in text
     assert "| real + synthetic |" in text and "| class-mean baseline |" in text
+    assert "| class-mean baseline (flair) |" in text and "each volume scaled to a brain median of 1000" in text
     checks = [line for line in text.split("## 6.")[1].split("## 7.")[0].splitlines() if line.startswith("| U-Net")]
     # the 7-class member: Dice error and WT, TC, ET; the 2-class member: Dice error only
     assert len(checks) == 5 and all(line.rstrip().endswith(("| met |", "| **not met** |")) for line in checks)

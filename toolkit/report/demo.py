@@ -220,7 +220,7 @@ def spade_section(out: Path, branch: str = "full") -> tuple[list[str], list[Chec
         "| class-mean baseline | " + " | ".join(cell("baseline", m) for m in lower) + " |",
         *per_modality, "",
         *(["Each modality is scored on its own; the first two rows average them (every channel counts as one "
-           "image, in intensity units, where FLAIR's values are about twice T1ce's).", ""] if per_modality else []),
+           "image).", ""] if per_modality else []),
         "How to read it: a phantom image is mostly its class's mean intensity plus noise, so the flat, noise-free "
         "baseline is a high bar on L1 and SSIM; PSNR, dominated by the largest errors, rewards getting edges and "
         "intensity ramps right first.", "",
