@@ -24,9 +24,12 @@ from toolkit.train.unet import DataConfig, ModelConfig, OptimConfig, UNetRunConf
 META = torch.device("meta")
 
 
-def test_unet_train_step_on_a_device_creates_nothing_on_the_host_and_reads_nothing_back(store_64, tmp_path):
-    cfg = UNetRunConfig(data=DataConfig(real=store_64), model=ModelConfig(widths=(4, 8), bridge=8),
-                        optim=OptimConfig(batch=4))
+@pytest.mark.parametrize("store, normalise", [("store_64", "max"), ("store_64_two", "slice")])
+def test_unet_train_step_on_a_device_creates_nothing_on_the_host_and_reads_nothing_back(store, normalise, tmp_path,
+                                                                                       request):
+    """The paper's normalisation on one channel; per-slice normalisation of two channels."""
+    cfg = UNetRunConfig(data=DataConfig(real=request.getfixturevalue(store), normalise=normalise),
+                        model=ModelConfig(widths=(4, 8), bridge=8), optim=OptimConfig(batch=4))
     task = UNetTask(cfg, Dist(device=META), tmp_path)
     batches = task.batches(0, 0)
     for _ in range(2):  # the second step also exercises Adam's state
@@ -34,9 +37,13 @@ def test_unet_train_step_on_a_device_creates_nothing_on_the_host_and_reads_nothi
         assert all(v.device == META for v in values.values())
 
 
-def test_spade_train_step_on_a_device_creates_nothing_on_the_host_and_reads_nothing_back(store_64, tmp_path):
-    cfg = SPADERunConfig(data=SPADEDataConfig(store=store_64), optim=SPADEOptimConfig(batch=2, lambda_l1=10.0),
-                         model=SPADEConfig(resolution=64, ngf=4, ndf=8, hidden=8))
+@pytest.mark.parametrize("store, channels", [("store_64", 1), ("store_64_two", 2)])
+def test_spade_train_step_on_a_device_creates_nothing_on_the_host_and_reads_nothing_back(store, channels, tmp_path,
+                                                                                        request):
+    """One modality over the store maximum; two, each over its own maximum (a [C] tensor on the device)."""
+    cfg = SPADERunConfig(data=SPADEDataConfig(store=request.getfixturevalue(store)),
+                         optim=SPADEOptimConfig(batch=2, lambda_l1=10.0),
+                         model=SPADEConfig(resolution=64, ngf=4, ndf=8, hidden=8, out_channels=channels))
     task = SPADETask(cfg, Dist(device=META), tmp_path)
     values = task.train_step(next(task.batches(0, 0)))
     assert set(values) == {"loss_g_gan", "loss_g_feat", "loss_g_l1", "loss_d_fake", "loss_d_real"}

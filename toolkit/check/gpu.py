@@ -163,12 +163,14 @@ class GPUCheck:
         return self.rows
 
     def write_store(self, timeout: float) -> tuple[None, str]:
-        write_random_store(self.store, size=self.scale.size, rows=self.scale.rows)
+        # two modalities, as the demo's store: the U-Net's per-slice normalisation and SPADE's per-channel scales run
+        write_random_store(self.store, size=self.scale.size, rows=self.scale.rows, modalities=("t1ce", "flair"))
         return None, ", ".join(f"{k} {v}" for k, v in self.scale.rows.items())
 
     def train_unet(self, timeout: float) -> tuple[None, str]:
         config = self._config("unet", {
-            "data": {"real": str(self.store), "classes": 7, "workers": 2}, "model": self.scale.unet,
+            "data": {"real": str(self.store), "classes": 7, "workers": 2, "normalise": "slice"},
+            "model": self.scale.unet,
             "optim": {"lr": 1e-4, "batch": 8},
             # 4 epochs of 32 steps with a checkpoint every 8: the signal lands well before the end
             "loop": {"epochs": 4, "checkpoint_every_steps": 8, "checkpoint_every_minutes": 0.0, "log_every_steps": 8},
@@ -221,7 +223,7 @@ class GPUCheck:
         config = self._config("spade", {
             # the reduced prefix (a fifth of the rows) at batch 16: a few steps, then the epoch's sample grid
             "data": {"store": str(self.store), "reduced": True, "workers": 2},
-            "model": {"resolution": self.scale.size, "label_nc": 7, **self.scale.spade},
+            "model": {"resolution": self.scale.size, "label_nc": 7, "out_channels": 2, **self.scale.spade},
             "optim": {"batch": 16}, "loop": {"epochs": 1, "checkpoint_every_minutes": 0.0, "log_every_steps": 1},
             "runtime": {"device": self.scale.device}, "samples": 4})
         done = run(cli("train", "spade", "-c", str(config), "--run-dir", str(self.runs["spade"])), timeout)
