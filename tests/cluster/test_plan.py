@@ -12,7 +12,7 @@ import pytest
 import submitit
 
 from toolkit.cluster import slurmctl
-from toolkit.cluster.pipeline import PipelineConfig, TrainStep, steps
+from toolkit.cluster.pipeline import PipelineConfig, TrainStep, run_pipeline, steps
 from toolkit.cluster.plan import plan, table
 from toolkit.config import ConfigError, from_dict, load
 
@@ -174,6 +174,16 @@ def test_the_demo_pipeline_still_builds():
     cfg = pipeline_config(DemoConfig(out=Path("demo-out")))
     assert cfg.subjects is None and [s.name for s in steps(cfg)][:2] == ["prepare", "pgan-full"]
     assert steps(cfg)[0].job.config.include == ()
+
+
+def test_a_spade_config_whose_outputs_miss_the_modalities_is_refused_before_anything_runs(tmp_path):
+    from toolkit.demo import DemoConfig, pipeline_config
+
+    cfg = pipeline_config(DemoConfig(out=tmp_path / "demo", modality="t1ce"))  # configs/demo-spade.yaml makes two
+    with pytest.raises(ValueError, match=r"demo-spade\.yaml: model\.out_channels is 2, but the pipeline's modality "
+                                         r"'t1ce' gives the store 1 image channels: set model\.out_channels: 1"):
+        run_pipeline(cfg, "local")
+    assert not (tmp_path / "demo" / "store").exists()
 
 
 def test_pipeline_plan_json_on_the_command_line(paper):

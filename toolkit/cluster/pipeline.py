@@ -181,6 +181,7 @@ def steps(cfg: PipelineConfig, cluster: str = "local") -> list[Step]:
     manifest = lambda path: (lambda: (path / "manifest.json").exists())  # noqa: E731
     result = [Step("prepare", PrepareJob(prepare_config(cfg, store)), (), manifest(store))]
     for b in cfg.branches:
+        _check_spade_channels(cfg, b, store)
         pgan, spade = out / "runs" / f"pgan-{b}", out / "runs" / f"spade-{b}"
         masks, kept, synthetic = (out / "stores" / f"{kind}-{b}" for kind in ("masks", "kept", "synthetic"))
         result += [
@@ -196,6 +197,20 @@ def steps(cfg: PipelineConfig, cluster: str = "local") -> list[Step]:
                  manifest(synthetic)),
         ]
     return result
+
+
+def _check_spade_channels(cfg: PipelineConfig, branch: str, store: Path) -> None:
+    """Refuse, before anything runs or is queued, a SPADE config whose ``model.out_channels`` is not the number of
+    modalities the pipeline's store will hold (SPADE itself would only fail once the store exists)."""
+    from toolkit import config as configs
+    from toolkit.train.spade import SPADERunConfig
+
+    channels = len(prepare_config(cfg, store).modalities)
+    model = configs.load(SPADERunConfig, Path(cfg.spade.config), cfg.spade.overrides(branch, store)).model
+    if model.out_channels != channels:
+        raise ValueError(f"{cfg.spade.config}: model.out_channels is {model.out_channels}, but the pipeline's "
+                         f"modality {cfg.modality!r} gives the store {channels} image channels: set "
+                         f"model.out_channels: {channels}")
 
 
 def filter_steps(cfg: PipelineConfig, branch: str, store: Path, masks: Path, kept: Path) -> list[Step]:

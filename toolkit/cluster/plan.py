@@ -264,8 +264,8 @@ def _sweep_entry(cfg: PipelineConfig, cluster: str, profile: Profile, rows: dict
         synthetic = 0 if run.data.synthetic is None else (cfg.masks if run.data.synthetic_n is None
                                                           else run.data.synthetic_n)
         if flops is not None:
-            flops += cost.unet_train_flops(network_config(run), cfg.size, real + synthetic, rows.get("val", 0),
-                                           run.loop.epochs)
+            flops += cost.unet_train_flops(network_config(run, len(cfg.modality.split(","))), cfg.size,
+                                           real + synthetic, rows.get("val", 0), run.loop.epochs)
     step = Step("sweep", TrainJob(spec.model, spec.base, Path(cfg.out) / "sweep"), (), lambda: False)
     resources = _resources(step, profile, cluster, tasks=1 if cluster == "local" else profile.tasks_per_node)
     resources.update(array=len(chosen), array_parallelism=profile.array_parallelism if cluster == "slurm"
