@@ -212,7 +212,10 @@ def test_a_member_whose_controller_cannot_be_asked_is_unknown_and_never_resubmit
 # --- 2. pipelines: one writer, jobs.json after every step ------------------------------------------------------------
 def _pipeline(tmp_path: Path, out: Path, **overrides) -> PipelineConfig:
     missing = tmp_path / "no-such-config.yaml"  # a training step that fails as soon as it runs
-    cfg = PipelineConfig(out=out, cohort=tmp_path / "cohort", pgan=TrainStep(missing), spade=TrainStep(missing),
+    # SPADE's config must be readable: the pipeline checks its out_channels against the store before anything runs
+    spade = tmp_path / "spade.yaml"
+    spade.write_text("data: {store: set-by-pipeline}\nmodel: {resolution: 64}\n")
+    cfg = PipelineConfig(out=out, cohort=tmp_path / "cohort", pgan=TrainStep(missing), spade=TrainStep(spade),
                          sweep=tmp_path / "no-such-sweep.yaml", size=64, branches=("full",), workers=2)
     return replace(cfg, **overrides)
 

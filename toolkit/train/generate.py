@@ -146,7 +146,7 @@ def generate_masks(run_dir: Path, n: int, out: Path, *, snapshot: str = "best", 
             return None
         if png:
             for k in range(shards):
-                export_png((out, out / shard_name("train", k)))
+                export_png((out, out / shard_name("train", k), ()))  # masks only: no image channels
         return writer.finish(kind="synthetic", image_size=generator.config.resolution, has_image=False,
                              shard_counts={"train": shards},
                              provenance={"generator_run": str(Path(run_dir).resolve()), "snapshot": path.name,
