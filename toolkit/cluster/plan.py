@@ -36,7 +36,7 @@ from toolkit import config as configs
 from toolkit.bench import cost
 from toolkit.cluster.executors import ClusterError, Profile, load_profile
 from toolkit.cluster.pipeline import PipelineConfig, Step, _ranks, _still_queued, _uses_mpi, steps, sweep_variables
-from toolkit.data.store import Manifest, Store
+from toolkit.data.store import Manifest, Store, modality_list
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def _sweep_entry(cfg: PipelineConfig, cluster: str, profile: Profile, rows: dict
         synthetic = 0 if run.data.synthetic is None else (cfg.masks if run.data.synthetic_n is None
                                                           else run.data.synthetic_n)
         if flops is not None:
-            flops += cost.unet_train_flops(network_config(run, len(cfg.modality.split(","))), cfg.size,
+            flops += cost.unet_train_flops(network_config(run, len(modality_list(cfg.modality))), cfg.size,
                                            real + synthetic, rows.get("val", 0), run.loop.epochs)
     step = Step("sweep", TrainJob(spec.model, spec.base, Path(cfg.out) / "sweep"), (), lambda: False)
     resources = _resources(step, profile, cluster, tasks=1 if cluster == "local" else profile.tasks_per_node)

@@ -265,7 +265,7 @@ class SliceDataset(Dataset):
         for source, has_image in zip(self.sources, self._has_image):
             if not has_image:
                 raise DatasetError(f"{source.store}: mask-only store has no image intensities")
-        peak, total, count = 0, 0, 0
+        total, count = 0, 0
         channel_peak = np.zeros(self.channels or 1, dtype=np.int64)
         for _, shard, rows in self._served_by_shard():
             with self._open_shard(shard) as f, reading(self._paths[shard]):
@@ -273,9 +273,9 @@ class SliceDataset(Dataset):
                     wanted = rows[(rows >= lo) & (rows < lo + _STATS_BLOCK)]
                     if wanted.size:
                         block = f["image"][lo:int(wanted[-1]) + 1][wanted - lo]
-                        peak = max(peak, int(block.max()))
                         channel_peak = np.maximum(channel_peak, as_channels(block).max(axis=(0, 2, 3)))
                         total += int(block.sum(dtype=np.uint64))
                         count += block.size
+        peak = int(channel_peak.max())
         return IntensityStats(max=float(peak), mean=total / (count * peak) if peak else 0.0,
                               channel_max=tuple(float(v) for v in channel_peak))

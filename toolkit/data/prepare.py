@@ -72,6 +72,7 @@ from toolkit.data.store import (
     Manifest,
     StoreWriter,
     complete,
+    modality_list,
     shard_name,
     tidy,
 )
@@ -147,7 +148,7 @@ class PrepareConfig:
     @property
     def modalities(self) -> tuple[str, ...]:
         """The image channels' modalities in order."""
-        return tuple(self.modality.split(",")) if isinstance(self.modality, str) and self.modality else ()
+        return modality_list(self.modality) if isinstance(self.modality, str) else ()
 
     @property
     def classes(self) -> int:

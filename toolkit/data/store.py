@@ -187,8 +187,8 @@ class Manifest:
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        """The image channels' modalities in order (``modality`` split at commas); empty when unrecorded."""
-        return tuple(self.modality.split(",")) if self.modality else ()
+        """The image channels' modalities in order; empty when unrecorded."""
+        return modality_list(self.modality)
 
     @property
     def channels(self) -> int:
@@ -196,8 +196,10 @@ class Manifest:
         return max(1, len(self.modalities))
 
     def image_shape(self, n: int) -> tuple[int, ...]:
-        """The shape of ``n`` image rows: ``(n, S, S)`` for one channel, ``(n, C, S, S)`` for C ≥ 2."""
-        return image_shape(n, self.channels, self.image_size)
+        """The shape of ``n`` stored image rows: ``(n, S, S)`` for one channel (DESIGN §4), ``(n, C, S, S)`` for
+        C ≥ 2."""
+        size = self.image_size
+        return (n, size, size) if self.channels == 1 else (n, self.channels, size, size)
 
     @property
     def codec(self) -> str:
@@ -269,10 +271,9 @@ class Manifest:
         )
 
 
-def image_shape(n: int, channels: int, size: int) -> tuple[int, ...]:
-    """Shape of ``n`` stored image rows of ``channels`` channels: ``[n,S,S]`` for one (DESIGN §4), else
-    ``[n,C,S,S]``."""
-    return (n, size, size) if channels == 1 else (n, channels, size, size)
+def modality_list(modality: str | None) -> tuple[str, ...]:
+    """A ``modality`` value (one name, or several comma-separated in channel order) as its names; () for none."""
+    return tuple(modality.split(",")) if modality else ()
 
 
 def as_channels(image: np.ndarray) -> np.ndarray:

@@ -163,12 +163,9 @@ def plan_export(real: Path, *, dataset_id: int, name: str, classes: int, synthet
         if sm.image_size != m.image_size:
             raise NnUNetExportError(f"{manifest}: field 'image_size' is {sm.image_size}, the real store's is "
                                     f"{m.image_size}")
-        if sm.modality and sm.modality != m.modality:
+        if (sm.modality and sm.modality != m.modality) or sm.channels != m.channels:
             raise NnUNetExportError(f"{manifest}: field 'modality' is {sm.modality!r}, the real store's is "
-                                    f"{m.modality!r}; one nnU-Net channel cannot hold both")
-        if sm.channels != m.channels:
-            raise NnUNetExportError(f"{manifest}: {sm.channels}-channel images, the real store's have {m.channels} "
-                                    f"(field 'modality' {m.modality!r})")
+                                    f"{m.modality!r}; nnU-Net's channels must hold the same modalities")
         available = sm.splits["train"].n if "train" in sm.splits else 0
         n = available if synthetic_n is None else synthetic_n
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:

@@ -216,7 +216,7 @@ class SPADETask:
                                               drop_empty=d.drop_empty)], classes=cfg.model.label_nc)
         self.intensity_max = float(manifest.intensity_max)  # the metrics' data range
         # [−1, 1] per channel: one store maximum for one modality (as the official code scales), each modality's own
-        # training maximum for several, whose scanner ranges differ (FLAIR here ~2× T1ce)
+        # training maximum for several, whose ranges differ (raw FLAIR runs about twice T1ce in the phantom)
         peaks = (self.intensity_max if manifest.channels == 1
                  else list(SliceDataset([Source(d.store, "train")], classes=cfg.model.label_nc).intensity_stats()
                            .channel_max))

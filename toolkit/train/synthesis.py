@@ -31,7 +31,7 @@ import torch
 
 from toolkit import provenance
 from toolkit.data.prepare import export_png
-from toolkit.data.store import Manifest, Store, as_channels, open_shard, reading
+from toolkit.data.store import Manifest, Store, as_channels, modality_list, open_shard, reading
 from toolkit.lock import LockedError, describe, holder
 from toolkit.models.spade import one_hot
 from toolkit.mpi import from_root, world
@@ -55,8 +55,7 @@ def synthesize(G: torch.nn.Module, labels: np.ndarray, intensity_max: float | li
     parts = []
     for i in range(0, len(labels), batch):
         segmap = one_hot(torch.from_numpy(labels[i:i + batch]).to(device), classes)
-        image = G(segmap)
-        image = to_uint16(image, scale)
+        image = to_uint16(G(segmap), scale)
         parts.append((image[:, 0] if image.shape[1] == 1 else image).cpu())
     return torch.cat(parts).numpy().astype(np.uint16)
 
@@ -101,7 +100,7 @@ def generate_images(run_dir: Path, masks: Path, out: Path, *, batch: int = 16, d
             return None
         if png:
             for split, k in inputs:
-                export_png((out, out / writer.done(split, k).file, tuple((meta.get("modality") or "").split(","))))
+                export_png((out, out / writer.done(split, k).file, modality_list(meta.get("modality"))))
         manifest = writer.finish(kind="synthetic", image_size=m.image_size, has_image=True,
                                  shard_counts={split: len(m.splits[split].shards) for split in m.splits},
                                  reduced_fraction=m.reduced_fraction, modality=meta.get("modality"),
